@@ -1,0 +1,108 @@
+"""Protocols through which the search reaches a model, and the small frozen types they exchange.
+
+`mcts` imports nothing from `policy`, `tasks` or any ML library: the search sees a model only through
+`Expander` (sample next steps), `Evaluator` (step-level self-evaluation) and `Verifier` (answer
+extraction and outcome validation). A fake policy in a test implements these in a few lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem to solve.
+
+    id: stable identifier (unique within a task split); seeds and file lines refer to it.
+    question: the problem text as given to the model (no formatting, no instructions).
+    answer: the gold final answer as a string ("72", "\\frac{1}{2}", "B").
+    solution: an optional reference solution (step by step), used only where config allows.
+    """
+
+    id: str
+    question: str
+    answer: str
+    solution: str | None = None
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One sampled continuation of a partial solution.
+
+    text: the step text without the trailing stop string (e.g. without the newline).
+    num_tokens: generated tokens for this sample (including a matched stop string's tokens).
+    logprob: summed log-probability of the generated tokens.
+    finished: True when generation ended by end-of-sequence or the length limit rather than at a
+        step boundary (a stop string); such a step ends the solution.
+    """
+
+    text: str
+    num_tokens: int
+    logprob: float
+    finished: bool
+
+
+@dataclass(frozen=True)
+class ExpandRequest:
+    """Ask for `n` next steps after `steps` for `problem`.
+
+    to_end: generate the rest of the solution in one go instead of one step (used at the depth limit).
+    seed: a per-request seed derived from (seed, round, problem id, node id); engines that cannot
+        seed per request may ignore it.
+    """
+
+    problem: Problem
+    steps: tuple[str, ...]
+    n: int
+    to_end: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """The samples for one ExpandRequest and what the request cost."""
+
+    samples: tuple[StepSample, ...]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Ask the policy to judge the partial solution `steps` of `problem` (self-evaluation)."""
+
+    problem: Problem
+    steps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A self-evaluation score in [0, 1] (probability of the 'correct' choice) and its cost."""
+
+    score: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Expander(Protocol):
+    def expand(self, requests: Sequence[ExpandRequest]) -> list[Expansion]:
+        """One batched call: one Expansion per request, in order."""
+        ...
+
+
+class Evaluator(Protocol):
+    def evaluate(self, requests: Sequence[EvalRequest]) -> list[Evaluation]:
+        """One batched call: one Evaluation per request, in order."""
+        ...
+
+
+class Verifier(Protocol):
+    def extract(self, text: str) -> str | None:
+        """The final answer stated in `text` (a step or a whole solution), or None if there is none."""
+        ...
+
+    def is_correct(self, predicted: str | None, problem: Problem) -> bool:
+        """Outcome validation: does `predicted` match the problem's gold answer?"""
+        ...
