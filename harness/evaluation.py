@@ -1,0 +1,181 @@
+"""The evaluation harness shared by `evaluate.py` and the round loop.
+
+Modes: greedy (pass@1), sampling (majority@k and pass@k), mcts (the search engine at inference time:
+self-evaluation only, no gold answer in any prompt; the answer is a value-weighted vote over
+terminal nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from harness.compute import phase_record
+from mcts.search import SearchConfig, best_answer, run_search
+from mcts.types import Problem
+from policy.backends.base import Backend, SamplingSettings
+from policy.prompts import PromptFormatter
+from policy.step_policy import GenerationConfig, StepPolicy
+
+log = logging.getLogger(__name__)
+
+WILSON_Z = 1.96  # 95% two-sided normal quantile
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The `eval` config group.
+
+    mode: greedy | sampling | mcts.
+    limit: evaluate on at most this many problems per task (null = all).
+    seed: the slice seed (a seeded shuffle before `limit`; null = the first `limit` problems).
+    k: samples per problem in sampling mode (majority@k, pass@k).
+    temperature, top_p: sampling mode's settings.
+    batch_size: problems per backend call (greedy/sampling) — bounds memory, not results.
+    """
+
+    mode: str = "greedy"
+    limit: int | None = 100
+    seed: int | None = 0
+    k: int = 8
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 64
+
+
+MODES = ("greedy", "sampling", "mcts")
+
+
+def wilson_interval(correct: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def slice_problems(problems: Sequence[Problem], limit: int | None, seed: int | None) -> list[Problem]:
+    """A reproducible evaluation slice: seeded shuffle (if seed is given), then the first `limit`."""
+    items = list(problems)
+    if seed is not None:
+        random.Random(seed).shuffle(items)
+    return items if limit is None else items[:limit]
+
+
+def majority_vote(answers: Sequence[str | None], same) -> str | None:
+    """The most frequent answer; `same(a, b)` decides equality (e.g. numerically). Ties: first seen."""
+    clusters: list[list[str]] = []
+    for a in answers:
+        if a is None:
+            continue
+        for cluster in clusters:
+            if same(cluster[0], a):
+                cluster.append(a)
+                break
+        else:
+            clusters.append([a])
+    return max(clusters, key=len)[0] if clusters else None
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _sample_solutions(problems: list[Problem], backend: Backend, formatter: PromptFormatter,
+                      settings: SamplingSettings, batch_size: int, desc: str) -> list[tuple[list[str], int, int, int]]:
+    """Per problem: (texts, generated tokens, prompt tokens, cached tokens)."""
+    out = []
+    with tqdm(total=len(problems), desc=desc, unit="problem", leave=False) as bar:
+        for chunk in _chunks(problems, batch_size):
+            prompts = [formatter.solution_prompt(p, ()) for p in chunk]
+            for completion in backend.sample(prompts, settings):
+                out.append(([s.text for s in completion.samples], sum(s.num_tokens for s in completion.samples),
+                            completion.prompt_tokens, completion.cached_tokens))
+            bar.update(len(chunk))
+    return out
+
+
+def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, formatter: PromptFormatter,
+                      gen: GenerationConfig, cfg: EvalConfig, search: SearchConfig, params: int,
+                      seed: int = 0) -> dict[str, Any]:
+    """Evaluate on `problems`; returns the eval.json content (accuracy, Wilson CI, records, compute)."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"eval.mode={cfg.mode!r}: expected one of {', '.join(MODES)}")
+    problems = list(problems)
+    if not problems:
+        raise ValueError(f"no problems to evaluate in task {task.name!r}")
+    same = lambda a, b: task.is_correct(b, Problem("vote", "", a))  # noqa: E731
+    records: list[dict[str, Any]] = []
+    prompt_tokens = generated = cached = 0
+    extra: dict[str, Any] = {}
+    if cfg.mode in ("greedy", "sampling"):
+        greedy = cfg.mode == "greedy"
+        settings = SamplingSettings(n=1 if greedy else cfg.k, max_tokens=gen.solution_max_tokens,
+                                    temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p)
+        outputs = _sample_solutions(problems, backend, formatter, settings, cfg.batch_size, f"eval {task.name}")
+        pass_k = 0
+        for problem, (texts, gen_tok, p_tok, c_tok) in zip(problems, outputs):
+            answers = [task.extract(t) for t in texts]
+            prediction = answers[0] if greedy else majority_vote(answers, same)
+            any_correct = any(task.is_correct(a, problem) for a in answers)
+            pass_k += any_correct
+            record = dict(id=problem.id, question=problem.question, gold=problem.answer, prediction=prediction,
+                          correct=task.is_correct(prediction, problem), tokens=gen_tok)
+            if greedy:
+                record["output"] = texts[0]
+            else:
+                record.update(answers=answers, pass_at_k=any_correct)
+            records.append(record)
+            prompt_tokens += p_tok
+            generated += gen_tok
+            cached += c_tok
+        if not greedy:
+            extra = {"pass_at_k": pass_k / len(problems), "k": cfg.k}
+    else:
+        # Inference-time search: self-evaluation only; no gold answer in any prompt.
+        policy = StepPolicy(backend, formatter, gen, eval_with_reference=False)
+        search_cfg = replace(search, use_outcome=False)
+        by_id = {p.id: p for p in problems}
+        trees = {}
+        with tqdm(total=len(problems), desc=f"eval-mcts {task.name}", unit="tree", leave=False) as bar:
+            for tree in run_search(problems, expander=policy, evaluator=policy, verifier=task, config=search_cfg,
+                                   seed=seed):
+                trees[tree.problem.id] = tree
+                bar.update(1)
+        for problem_id, problem in by_id.items():
+            tree = trees[problem_id]
+            prediction = best_answer(tree)
+            compute = tree.compute
+            records.append(dict(id=problem.id, question=problem.question, gold=problem.answer, prediction=prediction,
+                                correct=task.is_correct(prediction, problem),
+                                tokens=compute.get("generated_tokens", 0)))
+            prompt_tokens += compute.get("prompt_tokens", 0)
+            generated += compute.get("generated_tokens", 0)
+            cached += compute.get("cached_tokens", 0)
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
+    low, high = wilson_interval(correct, n)
+    return {
+        "task": task.name, "mode": cfg.mode, "n": n, "correct": correct, "accuracy": correct / n,
+        "ci95": [low, high], **extra,
+        "compute": phase_record(params, prompt_tokens=prompt_tokens, generated_tokens=generated, cached_tokens=cached),
+        "records": records,
+    }
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    low, high = result["ci95"]
+    line = (f"{result['task']} [{result['mode']}] accuracy {100 * result['accuracy']:.1f}% "
+            f"({result['correct']}/{result['n']}, 95% CI {100 * low:.1f}-{100 * high:.1f})")
+    if "pass_at_k" in result:
+        line += f", pass@{result['k']} {100 * result['pass_at_k']:.1f}%"
+    return line + f", {result['compute']['generated_tokens']} tokens generated"
