@@ -126,10 +126,15 @@ def check_model_dir(path: str) -> str:
     return path  # a hub id: only works with network access
 
 
+TINY_RANDOM = "tiny-random"  # a tiny random Llama with the default tokenizer (smoke runs, tests)
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
     """The Hugging Face folder (or hub id) to load for this config."""
     if cfg.path:
         return check_model_dir(cfg.path)
+    if cfg.name == TINY_RANDOM:
+        return str(build_tiny_model(cache_dir() / TINY_RANDOM, prepare_embedded("smollm2-135m")))
     return str(prepare_embedded(cfg.name))
 
 
@@ -165,6 +170,7 @@ def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, *, hidden: 
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -175,9 +181,18 @@ def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, *, hidden: 
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return out
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a prepared model folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {path!r}: {exc}") from exc

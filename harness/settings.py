@@ -1,0 +1,105 @@
+"""The one conversion of a composed Hydra config into typed, validated settings (both entry points).
+
+Every top-level key must be known; every group is built into its frozen dataclass (unknown keys are
+errors naming the key); cross-field rules are checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from harness.config import ConfigError, build, to_container
+from harness.evaluation import MODES, EvalConfig
+from harness.tracking import TrackingConfig
+from mcts.pairs import PairsConfig
+from mcts.search import SearchConfig
+from policy.backends import BackendConfig
+from policy.dpo import TrainConfig
+from policy.models import ModelConfig
+from policy.prompts import PromptConfig
+from policy.step_policy import GenerationConfig
+from tasks import TaskConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The `run` group (iterate.py).
+
+    name: the run's name; the run directory is `dir`.
+    dir: the run directory; re-running with the same directory resumes.
+    rounds: rounds of search -> pairs -> train -> evaluate.
+    problems_per_round: fresh training problems searched per round (on-policy).
+    seed: the root of every seed (search, training, slicing).
+    evaluate_initial: evaluate the starting policy once before round 0 (the baseline).
+    """
+
+    name: str = "default"
+    dir: str = "runs/default"
+    rounds: int = 2
+    problems_per_round: int = 32
+    seed: int = 0
+    evaluate_initial: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelConfig
+    backend: BackendConfig
+    prompt: PromptConfig
+    generation: GenerationConfig
+    search: SearchConfig
+    eval: EvalConfig
+    tracking: TrackingConfig
+    task: TaskConfig | None = None
+    eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    pairs: PairsConfig | None = None
+    train: TrainConfig | None = None
+    run: RunConfig | None = None
+    out_dir: str | None = None
+
+
+_GROUPS = {
+    "model": ModelConfig, "backend": BackendConfig, "prompt": PromptConfig, "generation": GenerationConfig,
+    "search": SearchConfig, "eval": EvalConfig, "tracking": TrackingConfig, "task": TaskConfig,
+    "pairs": PairsConfig, "train": TrainConfig, "run": RunConfig,
+}
+_IGNORED = {"hydra", "experiment"}
+
+
+def load_settings(cfg: Any) -> Settings:
+    data: Mapping[str, Any] = to_container(cfg)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _IGNORED:
+            continue
+        if key in _GROUPS:
+            kwargs[key] = build(_GROUPS[key], value, key)
+        elif key == "eval_tasks":
+            kwargs[key] = {name: build(TaskConfig, v, f"eval_tasks.{name}") for name, v in (value or {}).items()}
+        elif key == "out_dir":
+            kwargs[key] = value
+        else:
+            raise ConfigError(f"unknown top-level config key {key!r}: known are "
+                              f"{', '.join(sorted([*_GROUPS, 'eval_tasks', 'out_dir']))}")
+    missing = [g for g in ("model", "backend", "prompt", "generation", "search", "eval", "tracking") if g not in kwargs]
+    if missing:
+        raise ConfigError(f"config is missing the group(s) {', '.join(missing)}")
+    settings = Settings(**kwargs)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Cross-field rules."""
+    if s.eval.mode not in MODES:
+        raise ConfigError(f"eval.mode={s.eval.mode!r}: expected one of {', '.join(MODES)}")
+    if s.eval.limit is not None and s.eval.limit <= 0:
+        raise ConfigError(f"eval.limit={s.eval.limit}: must be positive or null")
+    if s.run is not None:
+        if s.run.rounds < 0 or s.run.problems_per_round <= 0:
+            raise ConfigError("run.rounds must be >= 0 and run.problems_per_round > 0")
+        if s.task is None or s.pairs is None or s.train is None:
+            raise ConfigError("iterate needs the task, pairs and train groups")
+    if s.train is not None and s.train.reference not in ("initial", "previous"):
+        raise ConfigError(f"train.reference={s.train.reference!r}: expected initial or previous")

@@ -1,0 +1,255 @@
+"""The round loop: search -> pairs -> train -> evaluate, `run.rounds` times, resumable.
+
+    python iterate.py                          # the default: SmolLM2-135M on the CPU (what `make demo` runs)
+    python iterate.py experiment=smoke         # a tiny random model, one short round (about a minute)
+    python iterate.py run.name=mine run.rounds=3 search.simulations=32 backend=hf
+
+Re-running with the same run directory continues where it stopped: finished trees, pairs,
+checkpoints and evaluations are never redone. This is the only place that sequences phases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from harness.compute import phase_record
+from harness.config import as_dict
+from harness.errors import exit_on_user_error
+from harness.evaluation import evaluate_problems, slice_problems, summary_line
+from harness.report import write_report
+from harness.rundir import (RoundDir, read_json, round_dir, truncate_partial_line, write_json_atomic,
+                            write_jsonl_atomic)
+from harness.settings import Settings, load_settings
+from harness.tracking import Tracker
+from mcts.pairs import extract_pairs, pair_stats, read_pairs
+from mcts.search import run_search
+from mcts.tree import read_trees
+from policy.backends import make_backend
+from policy.dpo import train_dpo_subprocess
+from policy.models import count_parameters, load_tokenizer, resolve_model_path
+from policy.prompts import PromptFormatter
+from policy.step_policy import StepPolicy
+from tasks import make_task
+
+log = logging.getLogger("iterate")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from (seed, round, ...): independent of Python's hash randomisation."""
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+class Engine:
+    """The generation backend, started lazily and restarted on a new checkpoint (holds the engine)."""
+
+    def __init__(self, s: Settings):
+        self.s = s
+        self.backend = None
+        self.path: str | None = None
+
+    def serve(self, path: str):
+        if self.backend is None:
+            self.backend = make_backend(self.s.backend, path)
+        elif self.path != path:
+            self.backend.load(path)
+        self.path = path
+        return self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = None
+        self.path = None
+
+
+def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, engine: Engine, task, formatter,
+                 params: int) -> dict:
+    """Grow one tree per problem; trees are appended to trees.jsonl as they finish. Resumes: problems
+    whose tree is already on disk are skipped (a half-written last line is dropped)."""
+    if rd.search_done.is_file():
+        return read_json(rd.search_done)
+    done = {t.problem.id for t in read_trees(rd.trees)} if truncate_partial_line(rd.trees) else set()
+    todo = [p for p in problems if p.id not in done]
+    if done:
+        log.info("round %d: %d trees already on disk, searching the other %d", k, len(done), len(todo))
+    if todo:
+        policy = StepPolicy(engine.serve(policy_path), formatter, s.generation,
+                            eval_with_reference=s.search.eval_with_reference)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        with rd.trees.open("a", encoding="utf-8") as out, \
+                tqdm(total=len(problems), initial=len(done), desc=f"round {k} search", unit="tree") as bar:
+            for tree in run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
+                                   seed=derive_seed(s.run.seed, k, "search")):
+                out.write(json.dumps(tree.to_json()) + "\n")
+                out.flush()
+                bar.update(1)
+    trees = read_trees(rd.trees)
+    compute = {key: sum(t.compute.get(key, 0) for t in trees) for key in ("prompt_tokens", "generated_tokens", "cached_tokens")}
+    solved = sum(any(n.outcome is not None and n.outcome > 0 for n in t.nodes) for t in trees)
+    record = {"trees": len(trees), "solved": solved, "nodes": sum(len(t.nodes) for t in trees),
+              "compute": phase_record(params, **compute)}
+    write_json_atomic(rd.search_done, record)
+    return record
+
+
+def pairs_phase(s: Settings, rd: RoundDir, k: int, formatter) -> list[dict]:
+    if rd.pairs.is_file():
+        return read_pairs(rd.pairs)
+    pairs: list[dict] = []
+    for tree in read_trees(rd.trees):
+        pairs.extend(extract_pairs(tree, config=s.pairs, format_prompt=formatter.solution_prompt, round_index=k))
+    write_jsonl_atomic(rd.pairs, pairs)
+    return pairs
+
+
+def train_phase(s: Settings, rd: RoundDir, k: int, pairs: list[dict], policy_path: str, initial_path: str,
+                engine: Engine) -> dict:
+    if rd.policy_complete():
+        return read_json(rd.train)
+    if not pairs:
+        log.warning("round %d: no preference pairs; the policy is carried over unchanged", k)
+        result = {"skipped": True, "policy": policy_path, "tokens": 0}
+        write_json_atomic(rd.train, result)
+        return result
+    engine.close()  # free the engine's memory; training runs in its own process (NOTES.md)
+    ref = initial_path if s.train.reference == "initial" else policy_path
+    result = train_dpo_subprocess(pairs, policy_path=policy_path, ref_path=ref, out_dir=str(rd.policy),
+                                  cfg=replace(s.train, seed=derive_seed(s.run.seed, k, "train")))
+    record = as_dict(result)
+    record["policy"] = str(rd.policy)
+    write_json_atomic(rd.train, record)
+    return record
+
+
+def eval_phase(s: Settings, path: Path, policy_path: str, engine: Engine, eval_tasks, formatter_for,
+               params: int, seed: int) -> dict:
+    """Evaluate `policy_path` on every evaluation task; eval.json at `path` (skipped if present)."""
+    if path.is_file():
+        return read_json(path)
+    results = {}
+    for name, (task, problems) in eval_tasks.items():
+        result = evaluate_problems(task, problems, backend=engine.serve(policy_path), formatter=formatter_for(task),
+                                   gen=s.generation, cfg=s.eval, search=s.search, params=params, seed=seed)
+        log.info("%s", summary_line(result))
+        results[name] = result
+    write_json_atomic(path, results)
+    return results
+
+
+def eval_metrics(results: dict) -> dict:
+    return {f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()}
+
+
+def run(cfg: DictConfig) -> dict:
+    s = load_settings(cfg)
+    run_dir = Path(s.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = Tracker(run_dir, s.tracking, run_name=s.run.name, config=as_dict(s))
+    engine = Engine(s)
+    try:
+        return _rounds(s, run_dir, tracker, engine)
+    finally:
+        engine.close()
+        tracker.close()
+
+
+def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dict:
+    initial_path = resolve_model_path(s.model)
+    params = s.model.params or count_parameters(initial_path)
+    tokenizer = load_tokenizer(initial_path)  # the tokenizer never changes across rounds
+    task = make_task(s.task)
+    pool = task.problems()
+    needed = s.run.rounds * s.run.problems_per_round
+    if len(pool) < needed:
+        raise ValueError(f"task {task.name!r} has {len(pool)} problems; {s.run.rounds} rounds x "
+                         f"{s.run.problems_per_round} problems need {needed}: raise task.n or lower run.problems_per_round")
+    formatter = PromptFormatter(tokenizer, task, s.prompt)
+    eval_tasks = {}
+    for name, tcfg in s.eval_tasks.items():
+        etask = make_task(tcfg)
+        eval_tasks[name] = (etask, slice_problems(etask.problems(), s.eval.limit, s.eval.seed))
+    formatter_for = lambda t: PromptFormatter(tokenizer, t, s.prompt)  # noqa: E731
+
+    history: list[dict] = []
+    cumulative_flops = 0.0
+    if s.run.evaluate_initial and eval_tasks:
+        t0 = time.time()
+        results = eval_phase(s, run_dir / "initial" / "eval.json", initial_path, engine, eval_tasks, formatter_for,
+                             params, derive_seed(s.run.seed, "eval"))
+        tracker.log({**eval_metrics(results), "time/eval_s": time.time() - t0}, step=0)
+        history.append({"round": "initial", "eval": results})
+
+    policy_path = initial_path
+    for k in range(s.run.rounds):
+        rd = round_dir(run_dir, k)
+        rd.path.mkdir(parents=True, exist_ok=True)
+        problems = pool[k * s.run.problems_per_round:(k + 1) * s.run.problems_per_round]
+        times = {}
+        t0 = time.time()
+        if rd.policy_complete():
+            search = read_json(rd.search_done) if rd.search_done.is_file() else {}
+        else:
+            search = search_phase(s, rd, k, problems, policy_path, engine, task, formatter, params)
+        times["search"] = time.time() - t0
+        t0 = time.time()
+        pairs = pairs_phase(s, rd, k, formatter) if rd.trees.is_file() else []
+        times["pairs"] = time.time() - t0
+        t0 = time.time()
+        train = train_phase(s, rd, k, pairs, policy_path, initial_path, engine)
+        times["train"] = time.time() - t0
+        policy_path = train.get("policy", policy_path) if not train.get("skipped") else policy_path
+        t0 = time.time()
+        results = eval_phase(s, rd.eval, policy_path, engine, eval_tasks, formatter_for, params,
+                             derive_seed(s.run.seed, "eval")) if eval_tasks else {}
+        times["eval"] = time.time() - t0
+
+        compute = {
+            "search": search.get("compute", {}),
+            "train": phase_record(params, train_tokens=int(train.get("tokens", 0))),
+            "eval": {name: r["compute"] for name, r in results.items()},
+        }
+        round_flops = compute["search"].get("flops", 0.0) + compute["train"]["flops"] + sum(
+            c["flops"] for c in compute["eval"].values())
+        cumulative_flops += round_flops
+        compute["total_flops"] = round_flops
+        write_json_atomic(rd.compute, compute)
+        stats = pair_stats(pairs)
+        metrics = {
+            "search/trees": search.get("trees", 0), "search/solved": search.get("solved", 0),
+            "search/nodes": search.get("nodes", 0),
+            **{f"pairs/{key}": v for key, v in stats.items() if isinstance(v, (int, float))},
+            "train/loss": train.get("final_loss"), "train/reward_margin": train.get("reward_margin"),
+            **eval_metrics(results),
+            "compute/search_flops": compute["search"].get("flops", 0.0), "compute/train_flops": compute["train"]["flops"],
+            "compute/round_flops": round_flops, "compute/cumulative_flops": cumulative_flops,
+            "compute/generated_tokens": compute["search"].get("generated_tokens", 0),
+            **{f"time/{key}_s": v for key, v in times.items()},
+        }
+        tracker.log(metrics, step=k + 1)
+        history.append({"round": k, "search": search, "pairs": stats, "train": train, "eval": results,
+                        "flops": round_flops, "cumulative_flops": cumulative_flops})
+    report = write_report(run_dir, history)
+    print(report)
+    return {"run_dir": str(run_dir), "history": history, "policy": policy_path}
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="iterate")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    with exit_on_user_error():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    main()
