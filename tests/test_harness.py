@@ -1,0 +1,75 @@
+"""Unit tests of the harness: typed config, FLOP ledger, Wilson interval, run-directory helpers."""
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from harness.compute import inference_flops, phase_record, training_flops, InferenceCost
+from harness.config import ConfigError, build
+from harness.evaluation import majority_vote, slice_problems, wilson_interval
+from harness.rundir import truncate_partial_line, write_json_atomic
+from mcts.types import Problem
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    a: int = 1
+    b: tuple[str, ...] = ()
+    c: str | None = None
+
+
+def test_build_converts_lists_and_rejects_unknown_keys():
+    cfg = build(_Cfg, {"a": 3, "b": ["x", "y"]}, "grp")
+    assert cfg == _Cfg(3, ("x", "y"), None)
+    with pytest.raises(ConfigError, match=r"unknown config key grp\.aa.*grp has a, b, c"):
+        build(_Cfg, {"aa": 3}, "grp")
+
+
+def test_flops_hand_computed():
+    # 100M params, 1000 prompt tokens of which 400 cached, 200 generated: 2 * 1e8 * (1000 - 400 + 200)
+    cost = InferenceCost(prompt_tokens=1000, generated_tokens=200, cached_tokens=400)
+    assert inference_flops(100_000_000, cost) == 2 * 1e8 * 800
+    assert inference_flops(100_000_000, cost, count_cached=True) == 2 * 1e8 * 1200
+    # training: 6N per token plus the reference model's 2N forward
+    assert training_flops(10, 5) == (6 + 2) * 10 * 5
+    assert training_flops(10, 5, reference_forward=False) == 6 * 10 * 5
+    rec = phase_record(10, prompt_tokens=3, generated_tokens=2, cached_tokens=1, train_tokens=4)
+    assert rec["flops"] == 2 * 10 * 4 + 8 * 10 * 4
+    assert rec["flops_uncached"] == 2 * 10 * 5 + 8 * 10 * 4
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(8, 10)
+    # Wilson 95% interval for 8/10: (0.490, 0.943)
+    assert math.isclose(low, 0.4902, abs_tol=1e-3) and math.isclose(high, 0.9433, abs_tol=1e-3)
+    assert wilson_interval(0, 0) == (0.0, 0.0)
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and 0 < high < 0.2
+
+
+def test_majority_vote_uses_equality_function():
+    same = lambda a, b: float(a) == float(b)  # noqa: E731
+    assert majority_vote(["3", "3.0", "4", None, "4", "3"], same) == "3"
+    assert majority_vote([None, None], same) is None
+
+
+def test_slice_is_reproducible_and_seed_dependent():
+    problems = [Problem(str(i), f"q{i}", str(i)) for i in range(50)]
+    a = slice_problems(problems, 10, 0)
+    assert a == slice_problems(problems, 10, 0)
+    assert a != slice_problems(problems, 10, 1)
+    assert slice_problems(problems, 5, None) == problems[:5]
+    assert len(slice_problems(problems, None, 0)) == 50
+
+
+def test_truncate_partial_line(tmp_path):
+    path = tmp_path / "trees.jsonl"
+    assert not truncate_partial_line(path)
+    path.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
+    assert truncate_partial_line(path)
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    write_json_atomic(tmp_path / "x.json", {"k": [1, 2]})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"k": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
