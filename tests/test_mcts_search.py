@@ -122,7 +122,7 @@ configs = st.builds(
 problem_lists = st.lists(st.lists(st.integers(1, 9), min_size=2, max_size=4), min_size=1, max_size=4)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(config=configs, numbers=problem_lists, seed=st.integers(0, 10_000), p_right=st.sampled_from([0.1, 0.4, 0.9]))
 def test_properties(config, numbers, seed, p_right):
     problems = [sum_problem(ns, pid=f"p{i}") for i, ns in enumerate(numbers)]
