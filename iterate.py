@@ -11,7 +11,6 @@ checkpoints and evaluations are never redone. This is the only place that sequen
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import replace
@@ -33,7 +32,7 @@ from harness.settings import Settings, load_settings
 from harness.tracking import Tracker
 from mcts.pairs import extract_pairs, pair_stats, read_pairs
 from mcts.search import run_search
-from mcts.tree import read_trees
+from mcts.tree import dumps_tree, read_trees
 from policy.backends import make_backend
 from policy.dpo import train_dpo_subprocess
 from policy.models import count_parameters, load_tokenizer, resolve_model_path
@@ -90,7 +89,7 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
                 tqdm(total=len(problems), initial=len(done), desc=f"round {k} search", unit="tree") as bar:
             for tree in run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
                                    seed=derive_seed(s.run.seed, k, "search")):
-                out.write(json.dumps(tree.to_json()) + "\n")
+                out.write(dumps_tree(tree) + "\n")
                 out.flush()
                 bar.update(1)
     trees = read_trees(rd.trees)

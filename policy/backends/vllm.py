@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -48,6 +49,8 @@ TOKENIZATION_KWARGS = {"add_special_tokens": False}
 
 
 def import_vllm() -> Any:
+    # vLLM logs every engine step at INFO; keep the console for progress bars unless the user asks.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as e:
