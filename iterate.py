@@ -94,7 +94,7 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
                 bar.update(1)
     trees = read_trees(rd.trees)
     compute = {key: sum(t.compute.get(key, 0) for t in trees) for key in ("prompt_tokens", "generated_tokens", "cached_tokens")}
-    solved = sum(any(n.outcome is not None and n.outcome > 0 for n in t.nodes) for t in trees)
+    solved = sum(t.solved() for t in trees)
     record = {"trees": len(trees), "solved": solved, "nodes": sum(len(t.nodes) for t in trees),
               "compute": phase_record(params, **compute)}
     write_json_atomic(rd.search_done, record)
@@ -106,7 +106,8 @@ def pairs_phase(s: Settings, rd: RoundDir, k: int, formatter) -> list[dict]:
         return read_pairs(rd.pairs)
     pairs: list[dict] = []
     for tree in read_trees(rd.trees):
-        pairs.extend(extract_pairs(tree, config=s.pairs, format_prompt=formatter.solution_prompt, round_index=k))
+        pairs.extend(extract_pairs(tree, config=s.pairs, format_prompt=formatter.solution_prompt, round_index=k,
+                                    separator=s.prompt.step_separator))
     write_jsonl_atomic(rd.pairs, pairs)
     return pairs
 

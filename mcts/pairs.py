@@ -1,0 +1,203 @@
+"""Step-level preference pairs from search trees (MCTS-DPO, Xie et al. 2024).
+
+At every expanded node with at least two evaluated children, the child with the highest Q is
+*chosen* and the one with the lowest Q *rejected*; the pair is kept when the Q gap is at least
+`margin` and both children have at least `min_visits`. The prompt is the chat-formatted question
+plus the shared prefix of steps (a callable from the policy side formats it, so this module stays
+free of tokenizers); chosen and rejected are the two steps' text, each followed by the step
+separator so the trained policy still ends a step where the search's stop string expects it.
+
+A pair is one dict in TRL's column names (`prompt`, `chosen`, `rejected`) plus metadata: problem id,
+node id, depth (steps in the shared prefix), Q and visits of each side, the gap, whether each side
+ends the solution, and the round. `pairs.jsonl` holds one per line.
+
+Options: at most `max_pairs_per_tree` pairs per tree (largest gaps first); only trees that reached a
+correct answer (`correct_only`); "full" pairs whose chosen and rejected continue to a terminal node
+(the chosen side along the highest-Q children, the rejected side along the lowest); duplicate pairs
+(same prompt, chosen and rejected) dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from mcts.tree import Node, Tree
+from mcts.types import Problem
+
+PAIR_KEYS = ("prompt", "chosen", "rejected", "problem_id", "node_id", "depth", "chosen_q", "rejected_q",
+             "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round")
+"""The keys of a pair line (TRL's three columns first)."""
+
+REQUIRED_KEYS = ("prompt", "chosen", "rejected", "chosen_visits", "rejected_visits")
+
+FormatPrompt = Callable[[Problem, tuple[str, ...]], str]
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """The `pairs` config group (conf/pairs/default.yaml).
+
+    margin: minimum Q(chosen) - Q(rejected); Q lies in [-1, 1].
+    min_visits: both children need at least this many visits (a child starts with 1, its own).
+    max_pairs_per_tree: keep at most this many pairs per tree, largest gaps first (0 = no cap).
+    correct_only: keep pairs only from trees where some terminal was validated correct.
+    full: chosen/rejected continue to a terminal node (best/worst continuation) instead of one step.
+    dedupe: drop a pair whose (prompt, chosen, rejected) was already emitted for the same tree.
+    step_suffix: appended to each step of chosen/rejected; null = the prompt's step separator
+        (given by the caller); a step that ends the solution gets no suffix.
+    """
+
+    margin: float = 0.2
+    min_visits: int = 1
+    max_pairs_per_tree: int = 0
+    correct_only: bool = False
+    full: bool = False
+    dedupe: bool = True
+    step_suffix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise ValueError(f"pairs.margin={self.margin}: must be >= 0")
+        if self.min_visits < 0 or self.max_pairs_per_tree < 0:
+            raise ValueError("pairs.min_visits and pairs.max_pairs_per_tree must be >= 0")
+
+
+def _extreme_child(tree: Tree, node: Node, *, best: bool, min_visits: int) -> Node | None:
+    kids = [tree.nodes[c] for c in node.children if tree.nodes[c].visits >= max(min_visits, 1)]
+    if not kids:
+        return None
+    # Ties: more visits first, then lower id: deterministic.
+    if best:
+        return max(kids, key=lambda n: (n.q, n.visits, -n.id))
+    return min(kids, key=lambda n: (n.q, -n.visits, n.id))
+
+
+def continuation(tree: Tree, start: Node, *, best: bool, min_visits: int = 1) -> list[Node] | None:
+    """The path from `start` down to a terminal, following the highest-Q (best) or lowest-Q child;
+    None when it ends at an unexpanded non-terminal leaf."""
+    path = [start]
+    node = start
+    while not node.terminal:
+        nxt = _extreme_child(tree, node, best=best, min_visits=min_visits)
+        if nxt is None:
+            return None
+        path.append(nxt)
+        node = nxt
+    return path
+
+
+def render_steps(nodes: Sequence[Node], suffix: str) -> str:
+    """Steps' text joined as the policy writes them: each step followed by `suffix`, except a step
+    that ends the solution."""
+    return "".join(n.text + ("" if n.terminal else suffix) for n in nodes)
+
+
+def node_pairs(tree: Tree, node: Node, *, config: PairsConfig) -> tuple[Node, Node] | None:
+    """(chosen, rejected) children of `node` when they qualify, else None."""
+    kids = [tree.nodes[c] for c in node.children if tree.nodes[c].visits >= max(config.min_visits, 1)]
+    if len(kids) < 2:
+        return None
+    chosen = _extreme_child(tree, node, best=True, min_visits=config.min_visits)
+    rejected = _extreme_child(tree, node, best=False, min_visits=config.min_visits)
+    if chosen is None or rejected is None or chosen.id == rejected.id:
+        return None
+    if chosen.q - rejected.q < config.margin or math.isclose(chosen.q, rejected.q):
+        return None
+    return chosen, rejected
+
+
+def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPrompt, round_index: int = 0,
+                  separator: str = "\n") -> list[dict[str, Any]]:
+    """All preference pairs of one tree (see the module docstring), largest gap first."""
+    if config.correct_only and not tree.solved():
+        return []
+    suffix = separator if config.step_suffix is None else config.step_suffix
+    pairs: list[dict[str, Any]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for node in tree.nodes:
+        if not node.children:
+            continue
+        found = node_pairs(tree, node, config=config)
+        if found is None:
+            continue
+        chosen, rejected = found
+        if config.full:
+            good = continuation(tree, chosen, best=True, min_visits=config.min_visits)
+            bad = continuation(tree, rejected, best=False, min_visits=config.min_visits)
+            if good is None or bad is None:
+                continue
+        else:
+            good, bad = [chosen], [rejected]
+        chosen_text, rejected_text = render_steps(good, suffix), render_steps(bad, suffix)
+        if chosen_text.strip() == rejected_text.strip():
+            continue
+        prompt = format_prompt(tree.problem, tuple(tree.steps(node.id)))
+        key = (prompt, chosen_text, rejected_text)
+        if config.dedupe and key in seen:
+            continue
+        seen.add(key)
+        pairs.append({
+            "prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
+            "problem_id": tree.problem.id, "node_id": node.id, "depth": node.depth,
+            "chosen_q": chosen.q, "rejected_q": rejected.q,
+            "chosen_visits": chosen.visits, "rejected_visits": rejected.visits,
+            "gap": chosen.q - rejected.q,
+            "chosen_terminal": good[-1].terminal, "rejected_terminal": bad[-1].terminal,
+            "round": round_index,
+        })
+    pairs.sort(key=lambda p: (-p["gap"], p["depth"], p["node_id"]))
+    if config.max_pairs_per_tree:
+        pairs = pairs[:config.max_pairs_per_tree]
+    return pairs
+
+
+def pair_stats(pairs: Sequence[dict[str, Any]]) -> dict[str, float | int]:
+    """Summary figures for logging: count, problems covered, mean gap/depth/visits, terminal shares."""
+    n = len(pairs)
+    if not n:
+        return {"count": 0, "problems": 0}
+    mean = lambda key: sum(float(p[key]) for p in pairs) / n  # noqa: E731
+    return {
+        "count": n,
+        "problems": len({p.get("problem_id") for p in pairs}),
+        "mean_gap": mean("gap"),
+        "mean_depth": mean("depth"),
+        "mean_chosen_q": mean("chosen_q"),
+        "mean_rejected_q": mean("rejected_q"),
+        "mean_chosen_visits": mean("chosen_visits"),
+        "mean_rejected_visits": mean("rejected_visits"),
+        "chosen_terminal_share": sum(bool(p.get("chosen_terminal")) for p in pairs) / n,
+        "rejected_terminal_share": sum(bool(p.get("rejected_terminal")) for p in pairs) / n,
+    }
+
+
+def write_pairs(path: str | Path, pairs: Iterable[dict[str, Any]]) -> None:
+    """Write pairs as JSON lines (not atomic; the round loop writes through a temporary file)."""
+    with Path(path).open("w", encoding="utf-8") as out:
+        for pair in pairs:
+            out.write(json.dumps(pair, ensure_ascii=False) + "\n")
+
+
+def read_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """Read a pairs file; a malformed line or a missing key raises ValueError naming file and line."""
+    path = Path(path)
+    pairs = []
+    with path.open(encoding="utf-8") as src:
+        for lineno, line in enumerate(src, 1):
+            if not line.strip():
+                continue
+            try:
+                pair = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg})") from None
+            if not isinstance(pair, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            missing = [k for k in REQUIRED_KEYS if k not in pair]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
+            pairs.append(pair)
+    return pairs

@@ -1,0 +1,155 @@
+"""Pair extraction on hand-built trees: margins, min visits, caps, full pairs, correct-only, dedupe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mcts.pairs import PairsConfig, extract_pairs, pair_stats, read_pairs, write_pairs
+from mcts.tree import Tree
+from mcts.types import Problem
+
+PROBLEM = Problem("p1", "Tom has 2 apples and buys 3. How many?", "5")
+
+
+def fmt(problem: Problem, steps: tuple[str, ...]) -> str:
+    return f"Q:{problem.question}|" + "".join(s + "\n" for s in steps)
+
+
+def set_stats(node, visits: int, q: float) -> None:
+    node.visits, node.value_sum = visits, q * visits
+
+
+def build() -> Tree:
+    """root -> a (q .6, v 4), b (q -.5, v 2), c (q .1, v 1)
+    a -> a1 terminal correct (q 1, v 2), a2 terminal wrong (q -1, v 1)
+    b -> b1 terminal wrong (q -.8, v 1)   (one child: no pair at b)"""
+    t = Tree(PROBLEM)
+    set_stats(t.root, 7, 0.2)
+    a = t.add_child(0, text="2 + 3 = 5.")
+    b = t.add_child(0, text="2 - 3 = -1.")
+    c = t.add_child(0, text="Tom has apples.")
+    set_stats(a, 4, 0.6)
+    set_stats(b, 2, -0.5)
+    set_stats(c, 1, 0.1)
+    a1 = t.add_child(a.id, text="The answer is 5.", terminal=True, answer="5", outcome=1.0)
+    a2 = t.add_child(a.id, text="The answer is 6.", terminal=True, answer="6", outcome=-1.0)
+    set_stats(a1, 2, 1.0)
+    set_stats(a2, 1, -1.0)
+    b1 = t.add_child(b.id, text="The answer is -1.", terminal=True, answer="-1", outcome=-1.0)
+    set_stats(b1, 1, -0.8)
+    return t
+
+
+def test_step_pairs_highest_vs_lowest_q():
+    pairs = extract_pairs(build(), config=PairsConfig(margin=0.0), format_prompt=fmt, round_index=3)
+    assert len(pairs) == 2
+    top = pairs[0]  # largest gap first: a1 vs a2 (gap 2.0)
+    assert top["prompt"] == fmt(PROBLEM, ("2 + 3 = 5.",))
+    assert (top["chosen"], top["rejected"]) == ("The answer is 5.", "The answer is 6.")  # final steps: no suffix
+    assert top["gap"] == pytest.approx(2.0) and top["depth"] == 1 and top["round"] == 3
+    root_pair = pairs[1]
+    assert root_pair["prompt"] == fmt(PROBLEM, ())
+    assert (root_pair["chosen"], root_pair["rejected"]) == ("2 + 3 = 5.\n", "2 - 3 = -1.\n")
+    assert root_pair["chosen_q"] == pytest.approx(0.6) and root_pair["rejected_q"] == pytest.approx(-0.5)
+    assert (root_pair["chosen_visits"], root_pair["rejected_visits"]) == (4, 2)
+    assert root_pair["problem_id"] == "p1"
+
+
+def test_margin_filters_small_gaps():
+    pairs = extract_pairs(build(), config=PairsConfig(margin=1.5), format_prompt=fmt)
+    assert [p["node_id"] for p in pairs] == [1]
+    assert extract_pairs(build(), config=PairsConfig(margin=2.5), format_prompt=fmt) == []
+
+
+def test_min_visits_excludes_rarely_visited_children():
+    # min_visits 2: at the root only a (4) and b (2) qualify; at a only a1 (2): no pair there.
+    pairs = extract_pairs(build(), config=PairsConfig(margin=0.0, min_visits=2), format_prompt=fmt)
+    assert len(pairs) == 1 and pairs[0]["node_id"] == 0
+    # min_visits 3: only a at the root: nothing.
+    assert extract_pairs(build(), config=PairsConfig(margin=0.0, min_visits=3), format_prompt=fmt) == []
+
+
+def test_cap_keeps_largest_gaps():
+    pairs = extract_pairs(build(), config=PairsConfig(margin=0.0, max_pairs_per_tree=1), format_prompt=fmt)
+    assert len(pairs) == 1 and pairs[0]["gap"] == pytest.approx(2.0)
+
+
+def test_full_pairs_continue_to_terminals():
+    pairs = extract_pairs(build(), config=PairsConfig(margin=0.0, full=True), format_prompt=fmt)
+    root_pair = next(p for p in pairs if p["node_id"] == 0)
+    assert root_pair["chosen"] == "2 + 3 = 5.\nThe answer is 5."
+    assert root_pair["rejected"] == "2 - 3 = -1.\nThe answer is -1."
+    assert root_pair["chosen_terminal"] and root_pair["rejected_terminal"]
+
+
+def test_full_pairs_skip_unfinished_continuations():
+    t = build()
+    # c (unexpanded, non-terminal) becomes the lowest-Q child: its continuation never ends.
+    set_stats(t.nodes[3], 1, -0.9)
+    pairs = extract_pairs(t, config=PairsConfig(margin=0.0, full=True), format_prompt=fmt)
+    assert all(p["node_id"] != 0 for p in pairs)
+    step = extract_pairs(t, config=PairsConfig(margin=0.0), format_prompt=fmt)
+    assert any(p["node_id"] == 0 and p["rejected"] == "Tom has apples.\n" for p in step)
+
+
+def test_correct_only_drops_unsolved_trees():
+    t = build()
+    assert extract_pairs(t, config=PairsConfig(margin=0.0, correct_only=True), format_prompt=fmt)
+    t.nodes[4].outcome = -1.0
+    assert extract_pairs(t, config=PairsConfig(margin=0.0, correct_only=True), format_prompt=fmt) == []
+    assert extract_pairs(t, config=PairsConfig(margin=0.0), format_prompt=fmt)
+
+
+def test_dedupe_and_equal_texts():
+    t = build()
+    # two expanded nodes whose prefixes render the same prompt produce the same pair once
+    dup = t.add_child(0, text="2 + 3 = 5.")
+    set_stats(dup, 3, 0.6)
+    d1 = t.add_child(dup.id, text="The answer is 5.", terminal=True, answer="5", outcome=1.0)
+    d2 = t.add_child(dup.id, text="The answer is 6.", terminal=True, answer="6", outcome=-1.0)
+    set_stats(d1, 1, 1.0)
+    set_stats(d2, 1, -1.0)
+    on = extract_pairs(t, config=PairsConfig(margin=0.0), format_prompt=fmt)
+    off = extract_pairs(t, config=PairsConfig(margin=0.0, dedupe=False), format_prompt=fmt)
+    assert len(off) == len(on) + 1
+    # siblings whose text differs only in whitespace never form a pair
+    t2 = Tree(PROBLEM)
+    x, y = t2.add_child(0, text="a = 1."), t2.add_child(0, text="a = 1. ")
+    set_stats(x, 2, 0.5)
+    set_stats(y, 2, -0.5)
+    assert extract_pairs(t2, config=PairsConfig(margin=0.0), format_prompt=fmt) == []
+
+
+def test_step_suffix_override_and_ties():
+    pairs = extract_pairs(build(), config=PairsConfig(margin=0.0, step_suffix=" "), format_prompt=fmt)
+    root_pair = next(p for p in pairs if p["node_id"] == 0)
+    assert root_pair["chosen"] == "2 + 3 = 5. "
+    t = Tree(PROBLEM)
+    x, y = t.add_child(0, text="x"), t.add_child(0, text="y")
+    set_stats(x, 2, 0.3)
+    set_stats(y, 5, 0.3)
+    assert extract_pairs(t, config=PairsConfig(margin=0.0), format_prompt=fmt) == []  # equal Q: no preference
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="margin"):
+        PairsConfig(margin=-0.1)
+
+
+def test_stats_and_round_trip(tmp_path):
+    pairs = extract_pairs(build(), config=PairsConfig(margin=0.0), format_prompt=fmt)
+    stats = pair_stats(pairs)
+    assert stats["count"] == 2 and stats["problems"] == 1
+    assert stats["mean_gap"] == pytest.approx((2.0 + 1.1) / 2)
+    assert pair_stats([]) == {"count": 0, "problems": 0}
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, pairs)
+    assert read_pairs(path) == pairs
+    path.write_text(path.read_text() + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: missing key"):
+        read_pairs(path)
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: not a JSON line"):
+        read_pairs(path)
