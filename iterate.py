@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from harness.compute import phase_record
-from harness.config import as_dict
+from harness.config import ConfigError, as_dict
 from harness.errors import exit_on_user_error
 from harness.evaluation import evaluate_problems, slice_problems, summary_line
 from harness.report import write_report
@@ -31,6 +31,7 @@ from harness.rundir import (RoundDir, read_json, round_dir, truncate_partial_lin
 from harness.settings import Settings, load_settings
 from harness.tracking import Tracker
 from mcts.pairs import extract_pairs, pair_stats, read_pairs
+from mcts.sampling import sample_trees
 from mcts.search import run_search
 from mcts.tree import dumps_tree, read_trees
 from policy.backends import make_backend
@@ -87,8 +88,14 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
         rd.path.mkdir(parents=True, exist_ok=True)
         with rd.trees.open("a", encoding="utf-8") as out, \
                 tqdm(total=len(problems), initial=len(done), desc=f"round {k} search", unit="tree") as bar:
-            for tree in run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
-                                   seed=derive_seed(s.run.seed, k, "search")):
+            seed = derive_seed(s.run.seed, k, "search")
+            if s.pairs.source == "sampling":  # the outcome-only baseline (mcts/sampling.py)
+                trees = sample_trees(todo, expander=policy, verifier=task, samples=s.pairs.samples,
+                                     batch_problems=s.search.batch_trees, seed=seed)
+            else:
+                trees = run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
+                                   seed=seed)
+            for tree in trees:
                 out.write(dumps_tree(tree) + "\n")
                 out.flush()
                 bar.update(1)
@@ -172,7 +179,7 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dic
     pool = task.problems()
     needed = s.run.rounds * s.run.problems_per_round
     if len(pool) < needed:
-        raise ValueError(f"task {task.name!r} has {len(pool)} problems; {s.run.rounds} rounds x "
+        raise ConfigError(f"task {task.name!r} has {len(pool)} problems; {s.run.rounds} rounds x "
                          f"{s.run.problems_per_round} problems need {needed}: raise task.n or lower run.problems_per_round")
     formatter = PromptFormatter(tokenizer, task, s.prompt)
     eval_tasks = {}

@@ -25,12 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from mcts.sampling import SOURCE as SAMPLING_SOURCE
+from mcts.sampling import outcome_pairs
 from mcts.tree import Node, Tree
 from mcts.types import Problem
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "problem_id", "node_id", "depth", "chosen_q", "rejected_q",
              "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round")
 """The keys of a pair line (TRL's three columns first)."""
+
+SOURCES = ("mcts", "sampling")
 
 REQUIRED_KEYS = ("prompt", "chosen", "rejected", "chosen_visits", "rejected_visits")
 
@@ -41,9 +45,13 @@ FormatPrompt = Callable[[Problem, tuple[str, ...]], str]
 class PairsConfig:
     """The `pairs` config group (conf/pairs/default.yaml).
 
+    source: "mcts" (step-level pairs from search trees) or "sampling" (the outcome-only baseline:
+        `samples` whole solutions per problem, correct paired with wrong; see mcts/sampling.py).
+    samples: solutions sampled per problem with source=sampling (k).
     margin: minimum Q(chosen) - Q(rejected); Q lies in [-1, 1].
     min_visits: both children need at least this many visits (a child starts with 1, its own).
-    max_pairs_per_tree: keep at most this many pairs per tree, largest gaps first (0 = no cap).
+    max_pairs_per_tree: keep at most this many pairs per tree (per problem), largest gaps first (0 = no
+        cap); with source=sampling, the cap on correct x wrong pairs per problem (m).
     correct_only: keep pairs only from trees where some terminal was validated correct.
     full: chosen/rejected continue to a terminal node (best/worst continuation) instead of one step.
     dedupe: drop a pair whose (prompt, chosen, rejected) was already emitted for the same tree.
@@ -51,6 +59,8 @@ class PairsConfig:
         (given by the caller); a step that ends the solution gets no suffix.
     """
 
+    source: str = "mcts"
+    samples: int = 8
     margin: float = 0.2
     min_visits: int = 1
     max_pairs_per_tree: int = 0
@@ -60,6 +70,10 @@ class PairsConfig:
     step_suffix: str | None = None
 
     def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"pairs.source={self.source!r}: expected one of {', '.join(SOURCES)}")
+        if self.samples < 1:
+            raise ValueError(f"pairs.samples={self.samples}: must be >= 1")
         if self.margin < 0:
             raise ValueError(f"pairs.margin={self.margin}: must be >= 0")
         if self.min_visits < 0 or self.max_pairs_per_tree < 0:
@@ -112,7 +126,11 @@ def node_pairs(tree: Tree, node: Node, *, config: PairsConfig) -> tuple[Node, No
 
 def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPrompt, round_index: int = 0,
                   separator: str = "\n") -> list[dict[str, Any]]:
-    """All preference pairs of one tree (see the module docstring), largest gap first."""
+    """All preference pairs of one tree (see the module docstring), largest gap first. A tree of the
+    sampling source (depth 1, whole solutions) gives its correct x wrong outcome pairs instead."""
+    if tree.meta.get("source") == SAMPLING_SOURCE:
+        return outcome_pairs(tree, format_prompt=format_prompt, max_pairs=config.max_pairs_per_tree,
+                             round_index=round_index)
     if config.correct_only and not tree.solved():
         return []
     suffix = separator if config.step_suffix is None else config.step_suffix

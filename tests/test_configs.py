@@ -1,0 +1,56 @@
+"""Every config file composes into valid typed settings; typos and bad values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from harness.config import ConfigError
+from harness.settings import load_settings
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = [d.name for d in sorted(CONF.iterdir()) if d.is_dir()]
+
+
+def settings(config_name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return load_settings(compose(config_name=config_name, overrides=overrides))
+
+
+@pytest.mark.parametrize("name", ["iterate", "evaluate", "search_run"])
+def test_entry_configs_compose(name):
+    s = settings(name, [])
+    assert s.model.name == "smollm2-135m" and s.task is not None
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment):
+    s = settings("iterate", [f"experiment={experiment}"])
+    assert s.run is not None and s.train is not None and s.pairs is not None
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS if g != "experiment"
+                                          for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "model" and option == "local":
+        overrides.append("model.path=/some/folder")
+    if group == "task":
+        overrides.append("task.path=/some/file.jsonl") if option in ("jsonl", "multiple_choice") else None
+    settings("iterate", overrides)
+
+
+def test_typo_in_a_group_is_named():
+    with pytest.raises(ConfigError, match="simulatons"):
+        settings("iterate", ["+search.simulatons=3"])
+    with pytest.raises(ConfigError, match="bogus"):
+        settings("iterate", ["+bogus=1"])
+
+
+def test_bad_values_are_named():
+    with pytest.raises((ConfigError, ValueError), match="mode"):
+        settings("iterate", ["eval.mode=beam"])
+    with pytest.raises((ConfigError, ValueError), match="reference"):
+        settings("iterate", ["train.reference=yesterday"])
