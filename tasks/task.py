@@ -1,0 +1,117 @@
+"""The one Task implementation: a problem source, an answer format, and the built-in few-shot examples.
+
+Few-shot examples are hand-written here, per answer format, and never taken from evaluation data;
+their last line is rendered with the task's answer prefix, so changing the prefix keeps the examples,
+the instruction and the extraction consistent.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from mcts.types import Problem
+from tasks.base import Example
+from tasks.checker import answers_equal, letters_equal
+from tasks.extract import FORMATS, extract_answer
+
+# A default instruction per answer format; {prefix} is the task's answer prefix.
+INSTRUCTIONS = {
+    "number": 'Solve the problem step by step, one step per line. End with a line "{prefix} N." where N is a number.',
+    "latex": "Solve the problem step by step, one step per line. "
+             'End with a line "{prefix} \\boxed{{ANSWER}}." with the final answer in LaTeX.',
+    "letter": 'Think step by step, one step per line. End with a line "{prefix} (X)." where X is the letter '
+              "of the correct choice.",
+}
+
+
+@dataclass(frozen=True)
+class _Shot:
+    """A worked example: question, steps (one per line) and the answer as stated in the last line."""
+
+    question: str
+    steps: tuple[str, ...]
+    answer: str
+
+
+# Names and objects here are not in tasks/arith.py's word lists, so no generated problem equals them.
+_SHOTS = {
+    "number": (
+        _Shot("Priya has 14 crayons. She buys 9 more crayons and then gives 5 crayons to her brother. "
+              "How many crayons does Priya have now?",
+              ("Priya starts with 14 crayons.", "She buys 9 more, so 14 + 9 = 23.",
+               "She gives away 5, so 23 - 5 = 18."), "18"),
+        _Shot("A farmer packs 6 crates with 8 melons in each crate. He sells the melons in bags of 4. "
+              "How many bags does he fill?",
+              ("The farmer has 6 crates of 8 melons, so 6 x 8 = 48.", "Each bag holds 4, so 48 / 4 = 12."), "12"),
+        _Shot("Dmitri reads 25 pages on Monday and twice as many pages on Tuesday. How many pages does he "
+              "read in the two days?",
+              ("On Tuesday he reads twice as many, so 25 x 2 = 50.", "In the two days he reads 25 + 50 = 75."), "75"),
+    ),
+    "latex": (
+        _Shot("What is the value of $\\frac{3}{4} + \\frac{1}{6}$?",
+              ("The common denominator of 4 and 6 is 12.",
+               "$\\frac{3}{4} = \\frac{9}{12}$ and $\\frac{1}{6} = \\frac{2}{12}$.",
+               "So the sum is $\\frac{9}{12} + \\frac{2}{12} = \\frac{11}{12}$."), "\\boxed{\\frac{11}{12}}"),
+        _Shot("Solve for $x$: $3x - 7 = 11$.",
+              ("Adding 7 to both sides gives $3x = 18$.", "Dividing both sides by 3 gives $x = 6$."), "\\boxed{6}"),
+    ),
+    "letter": (
+        _Shot("Which of these animals is a mammal?\n(A) shark\n(B) dolphin\n(C) trout\n(D) octopus",
+              ("A shark and a trout are fish, and an octopus is a mollusc.",
+               "A dolphin breathes air and feeds its young with milk, so it is a mammal."), "(B)"),
+        _Shot("Which of these is a prime number?\n(A) 21\n(B) 27\n(C) 29\n(D) 33",
+              ("21 = 3 x 7, 27 = 3 x 9 and 33 = 3 x 11 are not prime.", "29 has no divisor other than 1 and 29."),
+              "(C)"),
+    ),
+}
+
+
+def few_shot_examples(answer_format: str, k: int, *, prefix: str) -> tuple[Example, ...]:
+    """The first `k` built-in examples for `answer_format`, their last line "<prefix> <answer>."."""
+    shots = _SHOTS[answer_format]
+    if not 0 <= k <= len(shots):
+        raise ValueError(f"few_shot={k}: there are {len(shots)} built-in examples for {answer_format} answers")
+    return tuple(Example(s.question, "\n".join([*s.steps, f"{prefix} {s.answer}."])) for s in shots[:k])
+
+
+class AnswerTask:
+    """A task graded by its final answer (implements tasks.base.Task and mcts.types.Verifier).
+
+    Holds its problems, loaded on first use by `load` and then kept."""
+
+    def __init__(self, *, name: str, load: Callable[[], list[Problem]], answer_format: str = "number",
+                 answer_prefix: str = "The answer is", instruction: str | None = None, few_shot: int = 1):
+        if answer_format not in FORMATS:
+            raise ValueError(f"answer_format={answer_format!r}: expected one of {', '.join(FORMATS)}")
+        self.name = name
+        self.answer_format = answer_format
+        self.answer_prefix = answer_prefix
+        self.instruction = INSTRUCTIONS[answer_format].format(prefix=answer_prefix) if instruction is None else instruction
+        self.few_shot = few_shot_examples(answer_format, few_shot, prefix=answer_prefix)
+        self._load = load
+        self._problems: list[Problem] | None = None
+        self._lock = threading.Lock()
+
+    def problems(self) -> list[Problem]:
+        with self._lock:
+            if self._problems is None:
+                self._problems = self._load()
+            return list(self._problems)
+
+    def user_message(self, problem: Problem) -> str:
+        return f"{self.instruction}\n\n{problem.question}" if self.instruction else problem.question
+
+    def extract(self, text: str) -> str | None:
+        return extract_answer(text, prefix=self.answer_prefix, answer_format=self.answer_format)
+
+    def is_correct(self, predicted: str | None, problem: Problem) -> bool:
+        if predicted is None:
+            return False
+        if self.answer_format == "letter":
+            return letters_equal(problem.answer, predicted)
+        return answers_equal(problem.answer, predicted)
+
+    def __repr__(self) -> str:
+        return f"AnswerTask(name={self.name!r}, answer_format={self.answer_format!r})"
