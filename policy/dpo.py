@@ -1,0 +1,607 @@
+"""DPO on preference pairs, through TRL: pairs -> a trained Hugging Face checkpoint. The one module
+that imports trl (lazily: importing this module for its config stays cheap).
+
+    result = train_dpo_subprocess(pairs, policy_path=p, ref_path=r, out_dir=d, cfg=TrainConfig())
+
+Pairs are dicts in TRL's column names (`prompt`, `chosen`, `rejected`; the prompt is already
+chat-formatted, so no template is applied) plus metadata (mcts/pairs.py): `chosen_visits` and
+`rejected_visits` drive the conservative smoothing, `chosen_terminal`/`rejected_terminal` decide
+where an end-of-sequence token is trained (`TrainConfig.eos`); other keys are ignored.
+
+Conservative DPO. MCTS-DPO (Xie et al. 2024) smooths the preference labels of step-level pairs with
+the search's visit statistics: a pair whose rejected step was visited about as often as its chosen
+step is a less certain preference. Per pair, epsilon = N_r / (N_c + N_r), capped (see
+`conservative_smoothing`), and the sigmoid DPO loss becomes the cDPO loss (Mitchell 2023, the form
+older TRL applied for one scalar `label_smoothing`):
+
+    loss_i = -(1 - eps_i) * logsigmoid(x_i) - eps_i * logsigmoid(-x_i),   x_i = beta * delta_i
+
+with delta_i = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)). Since logsigmoid(x) -
+logsigmoid(-x) = x, this is exactly TRL's sigmoid loss plus eps_i * x_i (`smoothing_correction`).
+TRL 1.16 has only a scalar `label_smoothing` (and its sigmoid loss ignores it), so
+`ConservativeDPOTrainer` adds the correction: the pairs carry a `label_smoothing` column through the
+collator into the batch; the trainer reads the policy's per-token log-probabilities from its own
+forward (`_ForwardRecorder`) and the reference log-probabilities, precomputed once before training
+(`precompute_ref_log_probs`), from the batch. Other loss types are left as TRL computes them; with
+several loss types the correction is added with the sigmoid term's weight.
+
+Training runs in a fresh process (`train_dpo_subprocess`, see NOTES.md: DPO in a process where a
+vLLM engine ran was 50x slower). The checkpoint is written into a temporary folder next to `out_dir`
+and renamed into place only when complete (with `train_result.json` inside), so `out_dir` either
+does not exist or holds a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# TRL 1.16's loss types (trl/trainer/dpo_config.py), minus "exo_pair": it needs TRL's scalar
+# label_smoothing > 0, which this module does not use.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+SMOOTHED_LOSS = "sigmoid"  # the loss type the per-pair smoothing applies to
+REFERENCES = ("initial", "previous")
+EOS_MODES = ("terminal", "always", "never")
+DTYPES = ("float32", "bfloat16")
+MAX_SMOOTHING = 0.5  # epsilon = 0.5 makes a pair symmetric: no preference left to learn
+
+SMOOTHING_COLUMN = "label_smoothing"  # per-pair epsilon, from the dataset through the collator into the batch
+RESULT_FILE = "train_result.json"  # inside the checkpoint folder: written last, before the rename
+STDERR_TAIL_LINES = 20  # lines of a failed child's stderr quoted in the error
+_STDERR_TAIL_BYTES = 64 * 1024  # enough bytes to hold those lines (progress bars rewrite lines with \r)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train` config group (conf/train/dpo.yaml says where each default comes from).
+
+    loss_type: TRL loss types (LOSS_TYPES), summed with `loss_weights`; "sigmoid" is DPO.
+    loss_weights: one weight per loss type; null = 1.0 each.
+    beta: DPO's beta, the strength of the pull towards the reference model.
+    learning_rate: AdamW peak learning rate.
+    epochs: passes over the round's pairs.
+    batch_size: pairs per device per step (each pair is two sequences).
+    grad_accum: gradient accumulation steps (effective batch = batch_size * grad_accum).
+    max_length: tokens per prompt+completion sequence; longer ones lose their end (TRL keep_start);
+        a pair whose prompt alone fills it is dropped.
+    warmup_ratio: share of the optimizer steps spent warming up the learning rate (0 <= r < 1).
+    lr_scheduler: transformers scheduler name ("cosine", "linear", "constant", ...).
+    weight_decay: AdamW weight decay.
+    seed: seeds model init (LoRA), data order and dropout; iterate.py derives one per round.
+    conservative: per-pair label smoothing from visit counts (conservative DPO, sigmoid loss only).
+    smoothing_cap: upper bound of the per-pair epsilon, in [0, 0.5].
+    eos: where the tokenizer's end-of-sequence token is appended to a completion: "terminal" = only
+        to a side the pair marks as ending the solution (`chosen_terminal`/`rejected_terminal`; a
+        step in the middle of a solution must not teach the model to stop), "always" (TRL's
+        behaviour, for whole-solution pairs without those flags), "never".
+    reference: which model is the DPO reference, "initial" (the round-0 policy) or "previous" (the
+        policy being trained this round); read by iterate.py, which passes the matching ref_path.
+    lora: train a LoRA adapter instead of all weights; it is merged into the base before saving, so
+        the checkpoint is a plain Hugging Face model (vLLM loads it like any other).
+    lora_r, lora_alpha, lora_dropout, lora_target_modules: the adapter's rank, scale, dropout and
+        target module names. lora_dropout only acts with disable_dropout=false.
+    disable_dropout: switch off dropout in the policy (TRL's default; includes LoRA dropout), so
+        that the policy and the reference agree exactly before the first step.
+    dtype: weights and compute dtype, "float32" (CPU) or "bfloat16" (GPUs: weights and autocast).
+    gradient_checkpointing: trade compute for activation memory (large models on GPUs).
+    logging_steps: optimizer steps between logged losses (loss_history has one value per log).
+    """
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    beta: float = 0.1
+    learning_rate: float = 1e-5
+    epochs: int = 2
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    conservative: bool = True
+    smoothing_cap: float = 0.5
+    eos: str = "terminal"
+    reference: str = "initial"
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    disable_dropout: bool = True
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if not self.loss_type or unknown:
+            raise ValueError(f"train.loss_type={list(self.loss_type)}: expected one or more of {', '.join(LOSS_TYPES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"train.loss_weights has {len(self.loss_weights)} values for "
+                             f"{len(self.loss_type)} loss types: give one weight per loss type (or null)")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"train.reference={self.reference!r}: expected one of {', '.join(REFERENCES)}")
+        if not 0.0 <= self.smoothing_cap <= MAX_SMOOTHING:
+            raise ValueError(f"train.smoothing_cap={self.smoothing_cap}: must lie in [0, {MAX_SMOOTHING}]")
+        if self.eos not in EOS_MODES:
+            raise ValueError(f"train.eos={self.eos!r}: expected one of {', '.join(EOS_MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must lie in [0, 1)")
+        positive = {"beta": self.beta, "learning_rate": self.learning_rate, "epochs": self.epochs,
+                    "batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length,
+                    "logging_steps": self.logging_steps, "lora_r": self.lora_r}
+        bad = [f"train.{k}={v}" for k, v in positive.items() if not v > 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive")
+
+    @property
+    def smoothing_active(self) -> bool:
+        """Whether the per-pair smoothing reaches a loss term (conservative, with a sigmoid term)."""
+        return self.conservative and SMOOTHED_LOSS in self.loss_type
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from `asdict(cfg)` read back from JSON (lists become the tuple fields)."""
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one DPO run did (train.json; iterate.py logs it).
+
+    final_loss: mean logged loss over the last epoch's steps.
+    reward_margin: mean of TRL's `rewards/margins` (beta * delta, chosen minus rejected) over the
+        last epoch's steps.
+    reward_accuracy: mean of TRL's `rewards/accuracies` (share of pairs with chosen reward above the
+        rejected one) over the last epoch's steps.
+    steps: optimizer steps.
+    pairs: pairs trained on (after dropping those whose prompt fills max_length).
+    tokens: tokens processed by the policy, summed over epochs: per pair, prompt+chosen plus
+        prompt+rejected (the prompt is run once with each completion), after truncation; this is
+        what the FLOP ledger multiplies (harness/compute.py).
+    seconds: wall time of loading, training and saving.
+    loss_history: the loss at every logged step.
+    mean_smoothing: mean per-pair epsilon that reached the loss (0 when not conservative).
+    """
+
+    final_loss: float
+    reward_margin: float
+    reward_accuracy: float
+    steps: int
+    pairs: int
+    tokens: int
+    seconds: float
+    loss_history: tuple[float, ...]
+    mean_smoothing: float
+
+
+def result_from_dict(data: dict[str, Any]) -> TrainResult:
+    names = {f.name for f in fields(TrainResult)}
+    kwargs = {k: v for k, v in data.items() if k in names}
+    kwargs["loss_history"] = tuple(kwargs["loss_history"])
+    return TrainResult(**kwargs)
+
+
+# --- conservative DPO: pure functions -------------------------------------------------------------
+
+
+def conservative_smoothing(chosen_visits: int, rejected_visits: int, cap: float) -> float:
+    """Per-pair label smoothing epsilon = N_r / (N_c + N_r), at most `cap`; 0 when neither side was
+    visited. Equal visits give 0.5 (no preference left); a chosen side visited far more often than
+    the rejected one gives a confident label (epsilon near 0)."""
+    total = chosen_visits + rejected_visits
+    if total <= 0:
+        return 0.0
+    return min(rejected_visits / total, cap)
+
+
+def smoothing_correction(logits, eps):
+    """Per-pair cDPO loss minus the sigmoid DPO loss, for logits x = beta * delta:
+    -(1-eps) logsigmoid(x) - eps logsigmoid(-x) = -logsigmoid(x) + eps * x."""
+    return eps * logits
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Pairs tokenized for TRL (prompt_ids, chosen_ids, rejected_ids [, label_smoothing] per row).
+
+    dropped: pairs left out (prompt alone fills max_length, or an empty completion).
+    tokens_per_epoch: processed tokens in one pass (see TrainResult.tokens).
+    mean_smoothing: mean epsilon of the kept rows (0 without the smoothing column).
+    """
+
+    rows: tuple[dict[str, Any], ...]
+    dropped: int
+    tokens_per_epoch: int
+    mean_smoothing: float
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _wants_eos(pair: dict[str, Any], side: str, mode: str) -> bool:
+    return mode == "always" or (mode == "terminal" and bool(pair.get(f"{side}_terminal")))
+
+
+def encode_pairs(pairs: Iterable[dict[str, Any]], tokenizer, *, cfg: TrainConfig) -> EncodedPairs:
+    """Tokenize pairs as the backends tokenize prompts (no special tokens added: the chat template
+    already wrote them). The completion starts where the tokens of prompt and prompt+completion
+    diverge (tokens can merge across the boundary), as in TRL."""
+    rows: list[dict[str, Any]] = []
+    dropped = tokens = 0
+    eos = [tokenizer.eos_token_id]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for pair in pairs:
+        prompt = ids(pair["prompt"])
+        full = {side: ids(pair["prompt"] + pair[side]) for side in ("chosen", "rejected")}
+        cut = min(_common_prefix(prompt, full["chosen"]), _common_prefix(prompt, full["rejected"]))
+        done = {side: full[side][cut:] + (eos if _wants_eos(pair, side, cfg.eos) else []) for side in full}
+        if cut >= cfg.max_length or not done["chosen"] or not done["rejected"]:
+            dropped += 1
+            continue
+        row = {"prompt_ids": full["chosen"][:cut], "chosen_ids": done["chosen"], "rejected_ids": done["rejected"]}
+        if cfg.smoothing_active:
+            row[SMOOTHING_COLUMN] = conservative_smoothing(
+                int(pair.get("chosen_visits", 0)), int(pair.get("rejected_visits", 0)), cfg.smoothing_cap)
+        rows.append(row)
+        tokens += sum(min(cut + len(done[side]), cfg.max_length) for side in done)
+    smoothing = [r[SMOOTHING_COLUMN] for r in rows if SMOOTHING_COLUMN in r]
+    return EncodedPairs(rows=tuple(rows), dropped=dropped, tokens_per_epoch=tokens,
+                        mean_smoothing=sum(smoothing) / len(smoothing) if smoothing else 0.0)
+
+
+@dataclass
+class SmoothingCollator:
+    """Wraps TRL's preference collator: adds the rows' per-pair epsilon as a float tensor."""
+
+    base: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.base(examples)
+        if examples and SMOOTHING_COLUMN in examples[0]:
+            import torch
+
+            batch[SMOOTHING_COLUMN] = torch.tensor([float(e[SMOOTHING_COLUMN]) for e in examples],
+                                                   dtype=torch.float32)
+        return batch
+
+
+# --- the trainer -----------------------------------------------------------------------------------
+
+
+class _ForwardRecorder:
+    """Stands in for the policy model in one `compute_loss` call: forwards every call and keeps the
+    output of the fused-LM-head forward (the policy's per-token log-probabilities, with gradients)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.outputs: list[Any] = []
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        if kwargs.get("fused_lm_head"):
+            self.outputs.append(out)
+        return out
+
+    @property
+    def output(self):
+        if len(self.outputs) != 1:
+            raise RuntimeError(f"expected one policy forward in DPOTrainer._compute_loss, saw {len(self.outputs)}: "
+                               "TRL's loss code changed (this module is written against trl==1.16.0)")
+        return self.outputs[0]
+
+
+@functools.cache
+def conservative_trainer_class():
+    """`ConservativeDPOTrainer`, built on first use so that importing this module does not import TRL."""
+    from trl import DPOTrainer
+
+    class ConservativeDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer, plus per-pair label smoothing (see the module docstring), on datasets
+        tokenized by `encode_pairs`. Without the `label_smoothing` column it is stock TRL."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not self.precompute_ref_logps:
+                raise ValueError("ConservativeDPOTrainer reads the reference log-probs from the batch: "
+                                 "set precompute_ref_log_probs=True")
+            # Wrapped after TRL's own set-up (pad token, reference precompute): the column only
+            # exists in training batches.
+            self.data_collator = SmoothingCollator(self.data_collator)
+            self.smoothing_weight = sum(w for t, w in zip(self.loss_types, self.loss_weights) if t == SMOOTHED_LOSS)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # tokenized by encode_pairs (its own EOS rule, no special tokens added)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if SMOOTHING_COLUMN not in self._signature_columns:  # keep it through remove_unused_columns
+                self._signature_columns = [*self._signature_columns, SMOOTHING_COLUMN]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            eps = inputs.pop(SMOOTHING_COLUMN, None)
+            if eps is None or not self.smoothing_weight:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            recorder = _ForwardRecorder(model)
+            result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = result if return_outputs else (result, None)
+            logits = self.beta * self._delta(recorder.output, inputs)
+            loss = loss + self.smoothing_weight * smoothing_correction(logits, eps.to(logits)).mean()
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode][SMOOTHING_COLUMN].append(self.accelerator.gather(eps).float().mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+        @staticmethod
+        def _delta(policy_output, inputs):
+            """Per pair (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), as TRL's loss computes it
+            (token log-probs summed over the completion; masked positions are 0)."""
+            seq_len = inputs["completion_mask"].size(1) - 1
+            chosen, rejected = policy_output.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+            return (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
+
+    return ConservativeDPOTrainer
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def _require_model(path: str, role: str) -> None:
+    """Fail with one line when a local-looking path is not a model folder (hub ids pass)."""
+    p = Path(path).expanduser()
+    if p.exists() or path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{role}={path!r} is not a Hugging Face model folder (no config.json there)")
+
+
+def _load_model(path: str, cfg: TrainConfig):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+
+
+def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tokenizer, cfg: TrainConfig,
+                  output_dir: str):
+    """A ConservativeDPOTrainer on `encoded`, reference log-probs precomputed. The reference is the
+    weights at `ref_path`: when it is the policy's own folder TRL uses the policy before training
+    (full training) or the base with the adapter disabled (LoRA); otherwise it is loaded."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    args = DPOConfig(
+        output_dir=output_dir,
+        loss_type=list(cfg.loss_type),
+        loss_weights=list(cfg.loss_weights) if cfg.loss_weights is not None else None,
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a share of the steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        precompute_ref_log_probs=True,  # the smoothing needs them in the batch; one reference pass, not one per epoch
+        disable_dropout=cfg.disable_dropout,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=cfg.dtype == "bfloat16",
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=cfg.logging_steps,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+    model = _load_model(policy_path, cfg)
+    ref_model = None if _same_model(policy_path, ref_path) else _load_model(ref_path, cfg)
+    return conservative_trainer_class()(model=model, ref_model=ref_model, args=args,
+                                        train_dataset=Dataset.from_list(list(encoded.rows)),
+                                        processing_class=tokenizer, peft_config=peft_config)
+
+
+def _summarize(log_history: list[dict[str, Any]], *, epochs: int) -> dict[str, Any]:
+    """Final figures from TRL's log history: means over the last epoch's logged steps."""
+    logged = [e for e in log_history if "loss" in e]
+    if not logged:
+        raise RuntimeError("DPO training logged no loss (no optimizer step ran)")
+    last = [e for e in logged if e.get("epoch", epochs) > epochs - 1] or logged[-1:]
+
+    def mean(key: str) -> float:
+        return float(sum(e.get(key, float("nan")) for e in last) / len(last))
+
+    return dict(final_loss=mean("loss"), reward_margin=mean("rewards/margins"),
+                reward_accuracy=mean("rewards/accuracies"), loss_history=tuple(float(e["loss"]) for e in logged))
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished folder `new` to `out`, replacing an older `out` (a finished checkpoint whose
+    train.json was not written before an interruption)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: str, out_dir: str,
+              cfg: TrainConfig) -> TrainResult:
+    """Train the model at `policy_path` with DPO on `pairs` against the reference at `ref_path`; save
+    the result (model, tokenizer, train_result.json) to `out_dir`, atomically. In this process: use
+    `train_dpo_subprocess` from a process that ran an inference engine."""
+    from policy.models import load_tokenizer
+
+    started = time.time()
+    _require_model(policy_path, "policy_path")
+    _require_model(ref_path, "ref_path")
+    out = Path(out_dir)
+    tokenizer = load_tokenizer(policy_path)
+    encoded = encode_pairs(pairs, tokenizer, cfg=cfg)
+    if encoded.dropped:
+        log.warning("%d of %d pairs dropped: the prompt fills max_length=%d, or a completion is empty",
+                    encoded.dropped, len(pairs), cfg.max_length)
+    if not encoded.rows:
+        raise ValueError(f"no pair left to train on (of {len(pairs)})")
+    if cfg.conservative and not cfg.smoothing_active:
+        log.warning("train.conservative applies to the sigmoid loss only; loss_type=%s has none: no smoothing",
+                    list(cfg.loss_type))
+    symmetric = sum(r.get(SMOOTHING_COLUMN, 0.0) >= MAX_SMOOTHING for r in encoded.rows)
+    if symmetric:
+        log.warning("%d of %d pairs have smoothing %.1f (rejected visited at least as often as chosen): "
+                    "they carry no preference signal", symmetric, len(encoded.rows), MAX_SMOOTHING)
+    log.info("DPO: %d pairs, %d tokens per epoch, mean smoothing %.3f, policy %s, reference %s",
+             len(encoded.rows), encoded.tokens_per_epoch, encoded.mean_smoothing, policy_path, ref_path)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
+            trainer = build_trainer(encoded, policy_path=policy_path, ref_path=ref_path, tokenizer=tokenizer,
+                                    cfg=cfg, output_dir=scratch)
+            trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if cfg.lora:
+            model = model.merge_and_unload()  # a plain checkpoint: vLLM and the next round load it as is
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        result = TrainResult(**_summarize(trainer.state.log_history, epochs=cfg.epochs),
+                             steps=int(trainer.state.global_step), pairs=len(encoded.rows),
+                             tokens=encoded.tokens_per_epoch * cfg.epochs, seconds=time.time() - started,
+                             mean_smoothing=encoded.mean_smoothing)
+        write_json(tmp / RESULT_FILE, {**asdict(result), "policy_path": policy_path, "ref_path": ref_path,
+                                       "config": asdict(cfg)})
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("DPO done in %.0f s: %d steps, final loss %.4f, reward margin %.4f, accuracy %.2f", result.seconds,
+             result.steps, result.final_loss, result.reward_margin, result.reward_accuracy)
+    return result
+
+
+# --- the fresh process -----------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """JSON through a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_job(job_path: str) -> TrainResult:
+    """The child's side of `train_dpo_subprocess`: read the job, train, write the result."""
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    with open(job["pairs"], encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f if line.strip()]
+    result = train_dpo(pairs, policy_path=job["policy_path"], ref_path=job["ref_path"], out_dir=job["out_dir"],
+                       cfg=config_from_dict(job["cfg"]))
+    write_json(Path(job["result"]), asdict(result))
+    return result
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(cores))  # all cores unless the caller chose
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run_streaming(cmd: list[str]) -> tuple[int, list[str]]:
+    """Run `cmd` from the project root; its stdout goes to ours, its stderr is echoed to ours as it
+    comes. Returns the exit code and the last lines of its stderr."""
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=_child_env(), stderr=subprocess.PIPE)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tail = b""
+    try:
+        while chunk := proc.stderr.read1(65536):
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
+            tail = (tail + chunk)[-_STDERR_TAIL_BYTES:]
+    finally:
+        code = proc.wait()
+    lines = [line for line in re.split(r"[\r\n]+", tail.decode("utf-8", errors="replace")) if line.strip()]
+    return code, lines[-STDERR_TAIL_LINES:]
+
+
+def train_dpo_subprocess(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: str, out_dir: str,
+                         cfg: TrainConfig) -> TrainResult:
+    """`train_dpo` in a fresh Python process (`python -m policy.train_main job.json`): the job, its
+    pairs and the child's result are temporary files next to `out_dir`. Raises RuntimeError with the
+    exit code and the end of the child's stderr if it fails; `out_dir` is then left as it was."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, job_name = tempfile.mkstemp(prefix=f".{out.name}.job-", suffix=".json", dir=out.parent)
+    os.close(fd)
+    job_path = Path(job_name)
+    pairs_path, result_path = job_path.with_suffix(".pairs.jsonl"), job_path.with_suffix(".result.json")
+    try:
+        with pairs_path.open("w", encoding="utf-8") as f:
+            for pair in pairs:
+                f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        write_json(job_path, {"pairs": str(pairs_path), "policy_path": str(policy_path), "ref_path": str(ref_path),
+                              "out_dir": str(out), "result": str(result_path), "cfg": asdict(cfg)})
+        log.info("DPO on %d pairs in a fresh process -> %s", len(pairs), out)
+        code, tail = _run_streaming([sys.executable, "-m", "policy.train_main", str(job_path)])
+        if code != 0:
+            for stale in out.parent.glob(_temp_prefix(out) + "*"):  # left by a killed child
+                shutil.rmtree(stale, ignore_errors=True)
+            raise RuntimeError(f"DPO training failed (exit code {code}); the end of its output:\n" + "\n".join(tail))
+        return result_from_dict(json.loads(result_path.read_text(encoding="utf-8")))
+    finally:
+        for path in (job_path, pairs_path, result_path):
+            path.unlink(missing_ok=True)

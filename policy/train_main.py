@@ -1,0 +1,26 @@
+"""The fresh process that trains with DPO: `python -m policy.train_main <job.json>`.
+
+Started by `policy.dpo.train_dpo_subprocess`, which writes the job (pairs file, model paths, output
+folder, result file, config) and reads the result back; see `policy.dpo.run_job`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m policy.train_main <job.json>", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from policy.dpo import run_job
+
+    run_job(args[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

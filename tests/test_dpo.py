@@ -1,0 +1,226 @@
+"""DPO through TRL (policy/dpo.py): the conservative smoothing by hand, its path into the loss, and
+real runs on a tiny random Llama (in this process, in a fresh one, with LoRA, and a failing child)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from policy.dpo import (
+    RESULT_FILE,
+    SMOOTHING_COLUMN,
+    TrainConfig,
+    build_trainer,
+    conservative_smoothing,
+    encode_pairs,
+    smoothing_correction,
+    train_dpo,
+    train_dpo_subprocess,
+)
+
+# Fast settings for the tiny model: a learning rate large enough that one step visibly moves weights.
+TINY = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, max_length=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from policy.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer) -> list[dict]:
+    """Eight hand-made step-level pairs: a right and a wrong addition step, with visit counts."""
+    out = []
+    for i in range(8):
+        a, b = 3 + i, 5 + 2 * i
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}],
+                                               tokenize=False, add_generation_prompt=True)
+        out.append({"prompt": prompt, "chosen": f"{a} + {b} = {a + b}.\n", "rejected": f"{a} + {b} = {a + b + 1}.\n",
+                    "problem_id": f"p{i}", "depth": 0, "chosen_q": 0.8, "rejected_q": -0.6,
+                    "chosen_visits": 3 + i, "rejected_visits": 1 + i % 3, "chosen_terminal": i % 2 == 0,
+                    "rejected_terminal": False, "round": 0, "some_future_key": [1, 2]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(default_model_dir, tmp_path_factory) -> Path:
+    """A second tiny model (other random weights): a reference that differs from the policy."""
+    from policy.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-ref") / "model", default_model_dir, seed=1)
+
+
+def state_dict(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+
+
+# --- pure parts --------------------------------------------------------------------------------------
+
+
+def test_conservative_smoothing_by_hand():
+    assert conservative_smoothing(3, 1, 0.5) == 0.25
+    assert conservative_smoothing(1, 3, 0.5) == 0.5  # 0.75, capped
+    assert conservative_smoothing(0, 0, 0.5) == 0.0
+    assert conservative_smoothing(9, 1, 0.5) == pytest.approx(0.1)
+    assert conservative_smoothing(1, 1, 0.3) == 0.3
+
+
+def test_smoothing_correction_is_cdpo():
+    """-logsigmoid(x) + correction == -(1-eps) logsigmoid(x) - eps logsigmoid(-x); eps=0 is plain DPO."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.tensor([-3.0, -0.5, 0.0, 0.2, 1.5, 6.0])
+    eps = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.3, 0.05])
+    by_hand = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+    torch.testing.assert_close(-F.logsigmoid(x) + smoothing_correction(x, eps), by_hand)
+    torch.testing.assert_close(-F.logsigmoid(x) + smoothing_correction(x, torch.zeros_like(x)), -F.logsigmoid(x))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(loss_type=("sigmoid", "dpo_typo")), "loss_type"),
+    (dict(loss_type=("sigmoid", "nca_pair"), loss_weights=(1.0,)), "loss_weights"),
+    (dict(reference="yesterday"), "reference"),
+    (dict(smoothing_cap=0.7), "smoothing_cap"),
+    (dict(eos="sometimes"), "eos"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_encode_pairs_eos_and_smoothing(pairs, tokenizer):
+    enc = encode_pairs(pairs, tokenizer, cfg=TINY)
+    eos = tokenizer.eos_token_id
+    assert len(enc.rows) == 8 and enc.dropped == 0
+    for pair, row in zip(pairs, enc.rows):
+        assert (row["chosen_ids"][-1] == eos) == pair["chosen_terminal"]  # only a solution's last step ends
+        assert row["rejected_ids"][-1] != eos
+        assert row[SMOOTHING_COLUMN] == conservative_smoothing(pair["chosen_visits"], pair["rejected_visits"], 0.5)
+        assert tokenizer.decode(row["prompt_ids"] + row["chosen_ids"]).startswith(pair["prompt"] + pair["chosen"])
+    assert "label_smoothing" not in encode_pairs(pairs, tokenizer, cfg=replace(TINY, conservative=False)).rows[0]
+    assert all(r["chosen_ids"][-1] == eos for r in encode_pairs(pairs, tokenizer, cfg=replace(TINY, eos="always")).rows)
+    assert encode_pairs(pairs, tokenizer, cfg=replace(TINY, max_length=8)).dropped == 8  # prompts fill it
+
+
+# --- the per-pair smoothing reaches TRL's loss ------------------------------------------------------------
+
+
+def test_trainer_loss_is_cdpo_per_pair(pairs, tokenizer, tiny_model_dir, other_model_dir, tmp_path):
+    """The trainer's loss on a batch equals the hand formula with each pair's own epsilon, the
+    per-pair margins read from TRL's own metrics (batches of one pair, no smoothing)."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = replace(TINY, beta=0.5)
+    encoded = encode_pairs(pairs[:4], tokenizer, cfg=cfg)
+    trainer = build_trainer(encoded, policy_path=str(tiny_model_dir), ref_path=str(other_model_dir),
+                            tokenizer=tokenizer, cfg=cfg, output_dir=str(tmp_path))
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+
+    def loss(batch_rows, smoothing: bool = True) -> float:
+        batch = trainer.data_collator(batch_rows)
+        if not smoothing:
+            del batch[SMOOTHING_COLUMN]
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item()
+
+    margins = []
+    for row in rows:
+        loss([row], smoothing=False)
+        margins.append(metrics["rewards/margins"][-1])
+    x = torch.tensor(margins)
+    assert x.abs().min() > 1e-3  # the reference differs from the policy: the correction is not vacuous
+    eps = torch.tensor([r[SMOOTHING_COLUMN] for r in rows])
+    assert len(set(eps.tolist())) > 1
+    by_hand = (-(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)).mean().item()
+    assert loss(rows) == pytest.approx(by_hand, rel=1e-4, abs=1e-5)
+    assert loss(rows, smoothing=False) == pytest.approx((-F.logsigmoid(x)).mean().item(), rel=1e-4, abs=1e-5)
+    zero = [{**r, SMOOTHING_COLUMN: 0.0} for r in rows]
+    assert loss(zero) == pytest.approx(loss(rows, smoothing=False), rel=1e-6, abs=1e-7)
+
+
+# --- real runs -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(pairs, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "round_0" / "policy"
+    result = train_dpo(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir), out_dir=str(out),
+                       cfg=TINY)
+    return out, result
+
+
+def test_train_dpo_on_the_tiny_model(trained, pairs, tokenizer, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from policy.models import load_tokenizer
+
+    out, result = trained
+    assert result.steps == 2 and result.pairs == 8
+    assert len(result.loss_history) == 2 and all(math.isfinite(v) for v in result.loss_history)
+    assert math.isfinite(result.final_loss) and math.isfinite(result.reward_margin)
+    enc = encode_pairs(pairs, tokenizer, cfg=TINY)
+    assert result.tokens == enc.tokens_per_epoch  # prompt counted with each completion, 1 epoch
+    assert result.mean_smoothing == pytest.approx(enc.mean_smoothing)
+    before, after = state_dict(tiny_model_dir), state_dict(out)
+    assert before.keys() == after.keys()
+    assert not all(bool((before[k] == after[k]).all()) for k in before)  # the weights moved
+    AutoModelForCausalLM.from_pretrained(str(out))
+    assert load_tokenizer(str(out)).eos_token_id == tokenizer.eos_token_id
+    saved = json.loads((out / RESULT_FILE).read_text())
+    assert saved["steps"] == 2 and saved["config"]["learning_rate"] == TINY.learning_rate
+    assert sorted(p.name for p in out.parent.iterdir()) == ["policy"]  # no temporary folders left
+
+
+def test_train_dpo_is_deterministic_and_replaces_a_finished_folder(trained, pairs, tiny_model_dir):
+    out, result = trained
+    first = state_dict(out)
+    again = train_dpo(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir), out_dir=str(out),
+                      cfg=TINY)
+    second = state_dict(out)
+    assert again.loss_history == result.loss_history
+    assert all(bool((first[k] == second[k]).all()) for k in first)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["policy"]
+
+
+def test_lora_run_saves_a_merged_plain_checkpoint(pairs, tiny_model_dir, other_model_dir, tmp_path):
+    out = tmp_path / "policy"
+    cfg = replace(TINY, lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2)
+    result = train_dpo(pairs, policy_path=str(tiny_model_dir), ref_path=str(other_model_dir), out_dir=str(out),
+                       cfg=cfg)
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+    assert not (out / "adapter_config.json").exists()
+    before, after = state_dict(tiny_model_dir), state_dict(out)
+    assert before.keys() == after.keys()  # no lora_A/lora_B keys: a plain model
+    changed = {k for k in before if not bool((before[k] == after[k]).all())}
+    assert changed and all(any(m in k for m in cfg.lora_target_modules) for k in changed)
+
+
+def test_train_dpo_subprocess_end_to_end(pairs, tiny_model_dir, tmp_path):
+    out = tmp_path / "round_0" / "policy"
+    result = train_dpo_subprocess(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir),
+                                  out_dir=str(out), cfg=TINY)
+    assert result.steps == 2 and result.pairs == 8 and isinstance(result.loss_history, tuple)
+    assert (out / "config.json").is_file() and (out / RESULT_FILE).is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["policy"]  # job, pairs and result files removed
+
+
+def test_failing_child_raises_and_leaves_nothing(pairs, tiny_model_dir, tmp_path):
+    out = tmp_path / "round_0" / "policy"
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(RuntimeError, match="exit code 1") as info:
+        train_dpo_subprocess(pairs, policy_path=missing, ref_path=str(tiny_model_dir), out_dir=str(out), cfg=TINY)
+    assert "no-such-model" in str(info.value) and "policy_path" in str(info.value)
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
