@@ -230,7 +230,8 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dic
             c["flops"] for c in compute["eval"].values())
         cumulative_flops += round_flops
         compute["total_flops"] = round_flops
-        write_json_atomic(rd.compute, compute)
+        if not (rd.compute.is_file() and read_json(rd.compute) == compute):  # a resumed run leaves it alone
+            write_json_atomic(rd.compute, compute)
         stats = pair_stats(pairs)
         metrics = {
             "search/trees": search.get("trees", 0), "search/solved": search.get("solved", 0),

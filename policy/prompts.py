@@ -32,8 +32,8 @@ class PromptConfig:
     system: str | None = None
     step_separator: str = "\n"
     eval_template: str = (
-        "Question: {question}\n{reference}Partial solution:\n{steps}\n\n"
-        "Is every step of this partial solution correct? Answer (A) correct or (B) wrong."
+        "Is every step of this partial solution correct? Answer (A) correct or (B) wrong.\n"
+        "Question: {question}\n{reference}Partial solution:\n{steps}"
     )
     eval_reference: str = "Reference answer: {answer}\n"
     eval_prefix: str = "The partial solution is ("

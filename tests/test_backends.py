@@ -179,3 +179,15 @@ def test_default_model_answers_simple_question(default_model_dir):
         assert paris.probs[0] > 10 * paris.probs[1]
     finally:
         backend.close()
+
+
+def test_cpu_threads_bind_setting():
+    import os
+
+    from policy.backends.vllm import cpu_threads_bind
+
+    assert cpu_threads_bind("auto") is None
+    assert cpu_threads_bind("0-3") == "0-3"
+    cores = sorted(os.sched_getaffinity(0))
+    assert cpu_threads_bind("all") == ",".join(map(str, cores))
+    assert cpu_threads_bind("all", tensor_parallel_size=2) is None  # several ranks: vLLM splits the cores

@@ -64,7 +64,11 @@ def test_search_writes_valid_trees(setup, tmp_path):
     write_trees(path, trees)
     back = read_trees(path)
     for tree in back:
-        assert tree.root.visits == SEARCH.simulations
+        # Every simulation backs up through the root, unless the tree ran out of selectable leaves first.
+        if tree.meta["stop"] == "resolved":
+            assert 1 <= tree.root.visits <= SEARCH.simulations
+        else:
+            assert tree.root.visits == SEARCH.simulations
         assert len(tree.nodes) > 1
         assert tree.compute["generated_tokens"] > 0 and tree.compute["prompt_tokens"] > 0
         for node in tree.nodes[1:]:

@@ -49,6 +49,10 @@ class BackendConfig:
         outside the top k gets probability 0 (vLLM caps k at its max_logprobs, 20 by default).
     sort_prompts: vLLM: submit prompts sorted so shared prefixes are adjacent (results come back in
         the caller's order either way).
+    cpu_threads: vLLM on the CPU: which cores the engine's OpenMP threads use (VLLM_CPU_OMP_THREADS_BIND,
+        applied only when that variable is unset). "all": every core this process may run on; "auto":
+        vLLM's own choice, which reserves one core for its scheduler (half of a 2-core machine); or an
+        explicit list such as "0-3". Ignored on GPUs.
     """
 
     name: str = "hf"
@@ -63,6 +67,7 @@ class BackendConfig:
     tensor_parallel_size: int = 1
     choice_top_logprobs: int = 20
     sort_prompts: bool = True
+    cpu_threads: str = "all"
 
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:

@@ -49,8 +49,9 @@ TOKENIZATION_KWARGS = {"add_special_tokens": False}
 
 
 def import_vllm() -> Any:
-    # vLLM logs every engine step at INFO; keep the console for progress bars unless the user asks.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM logs every engine step at INFO and a warning per weight on dtype casts; keep the console for
+    # progress bars unless the user sets VLLM_LOGGING_LEVEL.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm
     except ImportError as e:
@@ -86,6 +87,28 @@ def _resource_tracker_pid() -> int | None:
     return getattr(resource_tracker._resource_tracker, "_pid", None)
 
 
+def cpu_threads_bind(setting: str, tensor_parallel_size: int = 1) -> str | None:
+    """The VLLM_CPU_OMP_THREADS_BIND value for `backend.cpu_threads`, or None to leave vLLM's default.
+
+    "all" binds one engine's threads to every core this process may use: vLLM's "auto" keeps one core
+    for its scheduler process, which idles most of the time in offline batched generation; on 2 cores
+    that halves throughput (experiments/results/bench_search_diag_omp_2_cores.json: 1.65x more tokens/s
+    with "0-1"). With several CPU ranks (tensor_parallel_size > 1), "all" leaves the split to vLLM.
+    """
+    setting = str(setting).strip()
+    if setting == "auto" or not setting:
+        return None
+    if setting != "all":
+        return setting
+    if tensor_parallel_size > 1:
+        return None
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    return ",".join(str(c) for c in cores)
+
+
 class VLLMBackend:
     """A vLLM engine serving `sample`, `choice_probs` and `count_tokens`."""
 
@@ -106,6 +129,9 @@ class VLLMBackend:
 
     def load(self, model_path: str) -> None:
         self.close()
+        bind = cpu_threads_bind(self.cfg.cpu_threads, self.cfg.tensor_parallel_size)
+        if bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read by the engine process at start (CPU only)
         before = {p.pid for p in _child_processes()}
         start = time.perf_counter()
         log.info("vllm backend: starting an engine for %s (%s)", model_path, self.cfg.dtype)
