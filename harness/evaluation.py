@@ -21,6 +21,7 @@ from mcts.types import Problem
 from policy.backends.base import Backend, SamplingSettings
 from policy.prompts import PromptFormatter
 from policy.step_policy import GenerationConfig, StepPolicy
+from tasks.arith import difficulty_of
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,9 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
     n = len(records)
     correct = sum(r["correct"] for r in records)
     low, high = wilson_interval(correct, n)
+    by_difficulty = accuracy_by_difficulty(problems, records)
+    if by_difficulty:
+        extra["by_difficulty"] = by_difficulty
     return {
         "task": task.name, "mode": cfg.mode, "n": n, "correct": correct, "accuracy": correct / n,
         "ci95": [low, high], **extra,
@@ -172,10 +176,29 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
     }
 
 
+def accuracy_by_difficulty(problems: Sequence[Problem], records: Sequence[dict[str, Any]]) -> dict[str, dict]:
+    """{difficulty: {n, correct, accuracy, ci95}} for problems whose id carries a difficulty (generated
+    arithmetic); {} when none does."""
+    groups: dict[int, list[bool]] = {}
+    for problem, record in zip(problems, records):
+        level = difficulty_of(problem)
+        if level is not None:
+            groups.setdefault(level, []).append(bool(record["correct"]))
+    out = {}
+    for level in sorted(groups):
+        hits = groups[level]
+        out[str(level)] = dict(n=len(hits), correct=sum(hits), accuracy=sum(hits) / len(hits),
+                               ci95=list(wilson_interval(sum(hits), len(hits))))
+    return out
+
+
 def summary_line(result: dict[str, Any]) -> str:
     low, high = result["ci95"]
     line = (f"{result['task']} [{result['mode']}] accuracy {100 * result['accuracy']:.1f}% "
             f"({result['correct']}/{result['n']}, 95% CI {100 * low:.1f}-{100 * high:.1f})")
     if "pass_at_k" in result:
         line += f", pass@{result['k']} {100 * result['pass_at_k']:.1f}%"
+    if result.get("by_difficulty"):
+        line += "; by difficulty " + ", ".join(
+            f"d{level} {100 * g['accuracy']:.0f}% ({g['correct']}/{g['n']})" for level, g in result["by_difficulty"].items())
     return line + f", {result['compute']['generated_tokens']} tokens generated"

@@ -73,3 +73,16 @@ def test_truncate_partial_line(tmp_path):
     write_json_atomic(tmp_path / "x.json", {"k": [1, 2]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"k": [1, 2]}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_accuracy_by_difficulty_from_generated_ids():
+    from harness.evaluation import accuracy_by_difficulty
+    from mcts.types import Problem
+
+    problems = [Problem(f"arith-test-0-d{d}-0000{i}", "q", "1") for i, d in enumerate([1, 1, 2, 2, 2])]
+    records = [{"correct": c} for c in (True, False, True, True, False)]
+    out = accuracy_by_difficulty(problems, records)
+    assert list(out) == ["1", "2"]
+    assert (out["1"]["n"], out["1"]["correct"], out["1"]["accuracy"]) == (2, 1, 0.5)
+    assert (out["2"]["n"], out["2"]["correct"]) == (3, 2)
+    assert accuracy_by_difficulty([Problem("gsm8k-1", "q", "1")], [{"correct": True}]) == {}

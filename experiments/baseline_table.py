@@ -1,0 +1,115 @@
+"""Greedy (or sampling) accuracy of one model on several tasks with one engine: the README's baseline table.
+
+    python experiments/baseline_table.py                       # the committed table (default model, vLLM, ~10 min)
+    python experiments/baseline_table.py --limit 50 --tasks arith_test,mawps_singleop
+    python experiments/baseline_table.py --set model.path=runs/demo/round_1/policy --set model=local --out /tmp/t
+
+Each task is composed from conf/evaluate.yaml exactly as `python evaluate.py task=<name>` would be
+(`--set key=value` adds Hydra overrides to every task), so a row here equals that command's result.
+Generated arithmetic is evaluated over every difficulty (1-4) and broken down by difficulty.
+Writes <out>.json (every eval.json without per-problem records) and <out>.md (the table), and prints
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+if str(ROOT_DIR) not in sys.path:
+    sys.path.insert(0, str(ROOT_DIR))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from harness.errors import exit_on_user_error  # noqa: E402
+from harness.evaluation import evaluate_problems, slice_problems, summary_line  # noqa: E402
+from harness.rundir import write_json_atomic  # noqa: E402
+from harness.settings import load_settings  # noqa: E402
+from policy.backends import make_backend  # noqa: E402
+from policy.models import count_parameters, load_tokenizer, resolve_model_path  # noqa: E402
+from policy.prompts import PromptFormatter  # noqa: E402
+from tasks import make_task  # noqa: E402
+
+log = logging.getLogger("baseline_table")
+
+# (task config, extra overrides): every difficulty of the generated test split, then the real files
+# that are cheap on the CPU (GSM8K and MATH need long solutions: still run, with the same limit).
+DEFAULT_TASKS = ("arith_test_all", "mawps_singleop", "mawps_addsub", "mawps_multiarith", "mawps_singleeq", "svamp",
+                 "gsm8k_test", "math")
+ALIASES = {"arith_test_all": ("arith_test", ["task.difficulties=[1,2,3,4]", "task.n=400"])}
+
+
+def task_overrides(name: str) -> list[str]:
+    task, extra = ALIASES.get(name, (name, []))
+    return [f"task={task}", *extra]
+
+
+def compose_settings(name: str, limit: int | None, sets: list[str]):
+    overrides = [*task_overrides(name), f"eval.limit={'null' if limit is None else limit}", *sets]
+    with initialize_config_dir(config_dir=str(ROOT_DIR / "conf"), version_base=None):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    return load_settings(cfg)
+
+
+def table_markdown(rows: list[dict]) -> str:
+    lines = ["| task | mode | problems | accuracy | 95% CI | by difficulty |", "|:---|:---|---:|---:|:---|:---|"]
+    for r in rows:
+        low, high = r["ci95"]
+        levels = ", ".join(f"d{k}: {100 * g['accuracy']:.0f}% ({g['correct']}/{g['n']})"
+                           for k, g in r.get("by_difficulty", {}).items())
+        lines.append(f"| {r['label']} | {r['mode']} | {r['n']} | {100 * r['accuracy']:.1f}% | "
+                     f"{100 * low:.1f}-{100 * high:.1f} | {levels} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task configs (conf/task) "
+                    "or arith_test_all")
+    ap.add_argument("--limit", type=int, default=200, help="problems per task (seeded slice; 0 = all)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override for every task")
+    ap.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "baseline_greedy"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = args.limit or None
+    with exit_on_user_error():
+        settings = {name: compose_settings(name, limit if name not in ALIASES else None, args.set) for name in names}
+        first = settings[names[0]]
+        model_path = resolve_model_path(first.model)
+        params = first.model.params or count_parameters(model_path)
+        tokenizer = load_tokenizer(model_path)
+        backend = make_backend(first.backend, model_path)
+        rows = []
+        try:
+            for name in names:
+                s = settings[name]
+                task = make_task(s.task)
+                problems = slice_problems(task.problems(), s.eval.limit, s.eval.seed)
+                t0 = time.time()
+                result = evaluate_problems(task, problems, backend=backend,
+                                           formatter=PromptFormatter(tokenizer, task, s.prompt), gen=s.generation,
+                                           cfg=s.eval, search=s.search, params=params, seed=s.eval.seed or 0)
+                result.pop("records")
+                result.update(label=name, overrides=task_overrides(name) + args.set, seconds=time.time() - t0)
+                log.info("%s (%.0f s)", summary_line(result), result["seconds"])
+                rows.append(result)
+        finally:
+            backend.close()
+    out = Path(args.out)
+    meta = dict(model=model_path, backend=first.backend.name, limit=limit, sets=args.set,
+                time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json_atomic(out.with_suffix(".json"), {"meta": meta, "rows": rows})
+    md = table_markdown(rows)
+    out.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+    print(f"-> {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
