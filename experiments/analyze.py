@@ -1,0 +1,1030 @@
+"""Analysis of finished runs: plots (PNG), a markdown table and a JSON file. Reads run directories
+only (never a model).
+
+    python experiments/analyze.py runs/source_compare/* --out experiments/results/source_compare
+    python experiments/analyze.py runs/search_compute --out experiments/results/search_compute --kind search
+    python experiments/analyze.py runs/train_vs_infer runs/eval/train_vs_infer --out experiments/results/train_vs_infer
+
+Inputs: run directories of `iterate.py` (config.yaml, metrics.jsonl, initial/eval.json,
+round_<k>/{eval,compute,search,train}.json, pairs.jsonl, trees.jsonl) and output directories of
+`evaluate.py` (eval.json + .hydra/config.yaml). An argument may be a run directory, a glob, or a folder
+holding run directories at any depth.
+
+Runs are grouped by their resolved config with the seeds (`run.seed`, `backend.seed`), names and
+output paths removed: runs of one group differ only in their seeds and count as repeats. A value
+is the mean over seeds with a 95% band: a t-interval over seeds when there are at least two, else
+the 95% Wilson interval of the single run's evaluation (eval.json's ci95). Groups are labelled by the
+config keys whose values differ between groups.
+
+Outputs (`--out PREFIX`): PREFIX.md (tables), PREFIX.json (the same numbers), and the plots that
+apply (`--kind auto`) or the one asked for:
+
+- rounds:  PREFIX_rounds.png  held-out accuracy after each round against cumulative FLOPs
+           (compute.json total_flops: search + train + eval of each round; the initial point at 0),
+           one panel per evaluation task, one line per group.
+- search:  PREFIX_search.png  pairs per tree, pair quality and search tokens per tree against
+           search.simulations, one line per value of the other swept keys (e.g. search.breadth).
+- loss:    PREFIX_loss.png    the training loss at every logged step, one panel per group;
+           PREFIX_loss_summary.png  final reward margin, reward accuracy and held-out accuracy.
+- compare: PREFIX_compare.png held-out accuracy against total FLOPs (log x): iterate runs after
+           0..k rounds evaluated greedily (x = cumulative search + train FLOPs + the evaluation's own
+           inference FLOPs) and evaluate.py runs (majority@k, MCTS at test time; x = the evaluated
+           model's training FLOPs, when its run directory is known, + inference FLOPs).
+
+Pair quality (`pair_quality`): a chosen step is good when it lies on a path to a correct answer (it
+or a descendant is a terminal with outcome +1), a rejected step is good when it does not.
+
+Malformed inputs raise AnalysisError naming the file; a run with missing rounds is skipped with a
+warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import textwrap
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from mcts.pairs import read_pairs  # noqa: E402
+from mcts.tree import Node, Tree, read_trees  # noqa: E402
+
+log = logging.getLogger("analyze")
+
+SEED_KEYS = ("run.seed", "backend.seed")
+"""Config keys that make runs repeats of each other (the backends ignore per-request seeds, so a
+seed sweep sets backend.seed along with run.seed)."""
+IGNORED_KEYS = ("run.name", "run.dir", "out_dir")
+IGNORED_PREFIXES = ("hydra.", "tracking.")
+KINDS = ("auto", "rounds", "search", "loss", "compare")
+SEARCH_KEYS = ("search.simulations", "search.breadth", "search.breadth_root")
+LOSS_KEYS = ("train.loss_type", "train.loss_weights", "train.conservative")
+INITIAL = "initial"
+LOSS_PANEL_COLUMNS = 4
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+Z975 = 1.96
+
+
+class AnalysisError(ValueError):
+    """A missing or malformed input; the message names the file."""
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One task's evaluation (one eval.json entry)."""
+
+    task: str
+    accuracy: float
+    ci95: tuple[float, float]
+    n: int
+    correct: int
+    flops: float
+    mode: str = "greedy"
+    k: int | None = None
+
+
+@dataclass(frozen=True)
+class PairQuality:
+    """How well a round's pairs agree with the trees' verified outcomes.
+
+    pairs: pairs matched to their tree nodes; unmatched: pairs whose tree or nodes were not found.
+    chosen_good: chosen steps on a path to a correct answer; rejected_good: rejected steps on none;
+    both_good: pairs with both.
+    """
+
+    pairs: int
+    unmatched: int
+    chosen_good: int
+    rejected_good: int
+    both_good: int
+
+    def share(self, count: int) -> float | None:
+        return count / self.pairs if self.pairs else None
+
+    @property
+    def chosen_share(self) -> float | None:
+        return self.share(self.chosen_good)
+
+    @property
+    def rejected_share(self) -> float | None:
+        return self.share(self.rejected_good)
+
+    @property
+    def both_share(self) -> float | None:
+        return self.share(self.both_good)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """The figures of train.json the analysis uses."""
+
+    skipped: bool
+    final_loss: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    mean_smoothing: float | None = None
+    steps: int = 0
+    pairs: int = 0
+    loss_history: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated policy of an iterate run: the initial one (position 0) or the one after round
+    k (position k + 1), with what that round cost and produced."""
+
+    position: int
+    evals: Mapping[str, EvalPoint]
+    search_flops: float = 0.0
+    train_flops: float = 0.0
+    total_flops: float = 0.0
+    trees: int = 0
+    search_generated_tokens: int = 0
+    pairs: int | None = None
+    pairs_digest: str | None = None
+    quality: PairQuality | None = None
+    train: TrainSummary | None = None
+
+    @property
+    def label(self) -> str:
+        return INITIAL if self.position == 0 else f"round {self.position - 1}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory. kind: "iterate" (points: initial and one per round) or "evaluate"
+    (evals: its one eval.json; train_flops: the evaluated model's training cost, None if unknown)."""
+
+    path: Path
+    kind: str
+    config: Mapping[str, Any]
+    points: tuple[Point, ...] = ()
+    evals: tuple[EvalPoint, ...] = ()
+    train_flops: float | None = 0.0
+
+    @property
+    def seed(self) -> tuple:
+        return tuple(self.config.get(k) for k in SEED_KEYS)
+
+    @property
+    def group_config(self) -> dict[str, Any]:
+        return {k: v for k, v in self.config.items() if is_group_key(k)}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Runs whose configs agree except for seeds, names and output paths."""
+
+    kind: str
+    config: Mapping[str, Any]
+    runs: tuple[Run, ...]
+    diff: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={short_value(k, v)}" for k, v in self.diff.items()) or "all runs"
+
+    @property
+    def seeds(self) -> list:
+        return [r.config.get("run.seed", r.config.get("backend.seed")) for r in self.runs]
+
+
+@dataclass(frozen=True)
+class Band:
+    """A mean over repeats with a 95% band; method "t" (over seeds), "wilson" (one run), "none"."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    method: str
+
+    def fmt(self, scale: float = 1.0, spec: str = ".1f") -> str:
+        if self.method == "none":
+            return format(self.mean * scale, spec)
+        return f"{format(self.mean * scale, spec)} [{format(self.low * scale, spec)}, {format(self.high * scale, spec)}]"
+
+
+# --- pure functions: statistics, configs, pair quality --------------------------------------------------
+
+
+def t_quantile(df: int) -> float:
+    return T975[df - 1] if 1 <= df <= len(T975) else Z975
+
+
+def mean_band(values: Sequence[float]) -> Band | None:
+    """Mean with a 95% t-interval (Student) over `values`; a single value gets a zero-width band."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    n = len(vals)
+    mean = sum(vals) / n
+    if n < 2:
+        return Band(mean, mean, mean, 1, "none")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
+    return Band(mean, mean - half, mean + half, n, "t")
+
+
+def accuracy_band(points: Sequence[EvalPoint]) -> Band | None:
+    """Accuracy over seeds: t-interval (clipped to [0, 1]) from two seeds on, else the run's Wilson
+    interval."""
+    if not points:
+        return None
+    if len(points) == 1:
+        p = points[0]
+        return Band(p.accuracy, p.ci95[0], p.ci95[1], 1, "wilson")
+    b = mean_band([p.accuracy for p in points])
+    return Band(b.mean, max(0.0, b.low), min(1.0, b.high), b.n, b.method)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {"a.b.c": value}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def is_group_key(key: str) -> bool:
+    return key not in SEED_KEYS and key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES)
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys whose value (or presence) differs between `configs`, sorted."""
+    keys = sorted({k for c in configs for k in c})
+    return [k for k in keys if len({canonical(c.get(k, "<unset>")) for c in configs}) > 1]
+
+
+def short_value(key: str, value: Any) -> str:
+    """A label-sized value: lists as a,b; a policy path as <run>/round_<k>."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if key == "model.path" and isinstance(value, str):
+        m = re.search(r"([^/]+)/(round_\d+)/policy/?$", value)
+        return f"{m.group(1)}/{m.group(2)}" if m else Path(value).name
+    return str(value)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Runs grouped by their config without seeds, names and paths; labels from the keys that differ
+    between the groups of the same kind. Order: first appearance."""
+    buckets: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        buckets.setdefault((run.kind, canonical(run.group_config)), []).append(run)
+    groups = []
+    for kind in ("iterate", "evaluate"):
+        members = [(cfg, rs) for (k, cfg), rs in buckets.items() if k == kind]
+        configs = [rs[0].group_config for _, rs in members]
+        keys = differing_keys(configs)
+        for config, rs in zip(configs, [rs for _, rs in members]):
+            ordered = tuple(sorted(rs, key=lambda r: canonical(r.seed)))
+            groups.append(Group(kind, config, ordered, {k: config.get(k) for k in keys}))
+    return groups
+
+
+def correct_subtrees(tree: Tree) -> set[int]:
+    """Ids of the nodes that are, or have below them, a terminal verified correct (outcome > 0)."""
+    good: set[int] = set()
+    for node in reversed(tree.nodes):  # a child's id is larger than its parent's
+        if (node.terminal and node.outcome is not None and node.outcome > 0) or any(c in good for c in node.children):
+            good.add(node.id)
+    return good
+
+
+def match_child(tree: Tree, parent_id: int, text: str, q: float | None, visits: int | None) -> Node | None:
+    """The child of `parent_id` that a pair side starts with (the side is the step text plus a separator,
+    or a whole continuation); among equal texts, the one whose Q and visits the pair recorded."""
+    if not 0 <= parent_id < len(tree.nodes):
+        return None
+    kids = [tree.nodes[c] for c in tree.nodes[parent_id].children]
+    found = [n for n in kids if n.text and text.startswith(n.text) or n.text.strip() == text.strip()]
+    if not found:
+        return None
+
+    def distance(n: Node) -> tuple:
+        same_q = q is not None and math.isclose(n.q, float(q), rel_tol=1e-9, abs_tol=1e-12)
+        return (not same_q, abs(n.visits - int(visits)) if visits is not None else 0, -len(n.text), n.id)
+
+    return min(found, key=distance)
+
+
+def pair_quality(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> PairQuality:
+    """Pair quality of one round (see PairQuality). A pair names its tree (`problem_id`) and the node
+    whose children it compares (`node_id`); chosen and rejected are matched among those children by
+    text, ties broken by the recorded Q and visits."""
+    by_id = {t.problem.id: t for t in trees}
+    good_cache: dict[str, set[int]] = {}
+    matched = unmatched = chosen_good = rejected_good = both = 0
+    for pair in pairs:
+        tree = by_id.get(pair.get("problem_id"))
+        if tree is None or "node_id" not in pair:
+            unmatched += 1
+            continue
+        parent = int(pair["node_id"])
+        chosen = match_child(tree, parent, pair["chosen"], pair.get("chosen_q"), pair.get("chosen_visits"))
+        rejected = match_child(tree, parent, pair["rejected"], pair.get("rejected_q"), pair.get("rejected_visits"))
+        if chosen is None or rejected is None:
+            unmatched += 1
+            continue
+        good = good_cache.setdefault(tree.problem.id, correct_subtrees(tree))
+        c_ok, r_ok = chosen.id in good, rejected.id not in good
+        matched += 1
+        chosen_good += c_ok
+        rejected_good += r_ok
+        both += c_ok and r_ok
+    return PairQuality(matched, unmatched, chosen_good, rejected_good, both)
+
+
+def pairs_digest(pairs: Iterable[Mapping[str, Any]]) -> str:
+    """A short hash of the pairs' (prompt, chosen, rejected) in file order: equal digests = same pairs."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(canonical([p.get("prompt"), p.get("chosen"), p.get("rejected")]).encode())
+    return h.hexdigest()[:12]
+
+
+def cumulative(values: Iterable[float]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def point_flops(run: Run) -> list[float]:
+    """Cumulative FLOPs at each point: 0 at the initial policy, then the running sum of each round's
+    total_flops (search + train + eval, compute.json)."""
+    rounds = [p.total_flops for p in run.points if p.position > 0]
+    offset = [0.0] if run.points and run.points[0].position == 0 else []
+    return offset + cumulative(rounds)
+
+
+def training_flops_at(run: Run) -> dict[int, float]:
+    """Cumulative search + train FLOPs that produced the policy at each position (0 at the initial)."""
+    total, out = 0.0, {}
+    for p in run.points:
+        total += p.search_flops + p.train_flops
+        out[p.position] = total
+    return out
+
+
+# --- reading run directories ------------------------------------------------------------------------
+
+
+def read_json_file(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise AnalysisError(f"{path}: missing") from None
+    except json.JSONDecodeError as err:
+        raise AnalysisError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def read_lines_file(path: Path, reader: Callable[[Path], list]) -> list:
+    """A JSON-lines file through the project's own reader (mcts.pairs.read_pairs, mcts.tree.read_trees:
+    their ValueErrors name the file and line)."""
+    try:
+        return reader(path)
+    except (ValueError, KeyError, TypeError) as err:
+        raise AnalysisError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A Hydra config yaml as a flat dict (interpolations resolved where they can be)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise AnalysisError(f"{path}: missing") from None
+    except Exception as err:  # yaml's errors name the line
+        raise AnalysisError(f"{path}: not a valid config yaml ({err})") from None
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # e.g. ${hydra:...} outside Hydra: keep the raw strings
+        data = OmegaConf.to_container(cfg, resolve=False)
+    if not isinstance(data, dict):
+        raise AnalysisError(f"{path}: expected a mapping")
+    return flatten(data)
+
+
+def eval_point(name: str, data: Any, path: Path) -> EvalPoint:
+    try:
+        return EvalPoint(task=str(data.get("task", name)), accuracy=float(data["accuracy"]),
+                         ci95=(float(data["ci95"][0]), float(data["ci95"][1])), n=int(data["n"]),
+                         correct=int(data["correct"]), flops=float(data["compute"]["flops"]),
+                         mode=str(data.get("mode", "greedy")), k=data.get("k"))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise AnalysisError(f"{path}: entry {name!r} is not an evaluation result (missing or bad {err})") from None
+
+
+def read_evals(path: Path) -> dict[str, EvalPoint]:
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise AnalysisError(f"{path}: expected {{task: result}}")
+    return {name: eval_point(name, r, path) for name, r in data.items()}
+
+
+def train_summary(data: Mapping[str, Any], path: Path) -> TrainSummary:
+    if data.get("skipped"):
+        return TrainSummary(skipped=True)
+    try:
+        return TrainSummary(skipped=False, final_loss=data.get("final_loss"), reward_margin=data.get("reward_margin"),
+                            reward_accuracy=data.get("reward_accuracy"), mean_smoothing=data.get("mean_smoothing"),
+                            steps=int(data.get("steps", 0)), pairs=int(data.get("pairs", 0)),
+                            loss_history=tuple(float(x) for x in data.get("loss_history", ())))
+    except (TypeError, ValueError) as err:
+        raise AnalysisError(f"{path}: malformed training result ({err})") from None
+
+
+def phase_flops(compute: Mapping[str, Any], phase: str, path: Path) -> float:
+    try:
+        return float((compute.get(phase) or {}).get("flops", 0.0))
+    except (TypeError, ValueError, AttributeError):
+        raise AnalysisError(f"{path}: {phase}.flops is not a number") from None
+
+
+def read_round(run_dir: Path, k: int, *, quality: bool = True) -> Point:
+    rd = run_dir / f"round_{k}"
+    compute = read_json_file(rd / "compute.json")
+    if not isinstance(compute, dict) or "total_flops" not in compute:
+        raise AnalysisError(f"{rd / 'compute.json'}: no total_flops")
+    evals = read_evals(rd / "eval.json") if (rd / "eval.json").is_file() else {}
+    search = read_json_file(rd / "search.json") if (rd / "search.json").is_file() else {}
+    train = train_summary(read_json_file(rd / "train.json"), rd / "train.json") if (rd / "train.json").is_file() else None
+    pairs = read_lines_file(rd / "pairs.jsonl", read_pairs) if (rd / "pairs.jsonl").is_file() else None
+    q = None
+    if quality and pairs is not None and (rd / "trees.jsonl").is_file():
+        q = pair_quality(read_lines_file(rd / "trees.jsonl", read_trees), pairs)
+    return Point(position=k + 1, evals=evals, search_flops=phase_flops(compute, "search", rd / "compute.json"),
+                 train_flops=phase_flops(compute, "train", rd / "compute.json"),
+                 total_flops=float(compute["total_flops"]), trees=int(search.get("trees", 0)),
+                 search_generated_tokens=int((search.get("compute") or {}).get("generated_tokens", 0)),
+                 pairs=None if pairs is None else len(pairs), pairs_digest=None if pairs is None else pairs_digest(pairs),
+                 quality=q, train=train)
+
+
+def missing_round_files(run_dir: Path, rounds: int, needs_eval: bool) -> list[Path]:
+    names = ("compute.json", "eval.json") if needs_eval else ("compute.json",)
+    return [run_dir / f"round_{k}" / n for k in range(rounds) for n in names
+            if not (run_dir / f"round_{k}" / n).is_file()]
+
+
+def load_iterate_run(run_dir: Path, *, quality: bool = True) -> Run | None:
+    """An iterate.py run directory, or None (with a warning) when a round is incomplete."""
+    config = read_config_file(run_dir / "config.yaml")
+    rounds = config.get("run.rounds")
+    if not isinstance(rounds, int):
+        raise AnalysisError(f"{run_dir / 'config.yaml'}: no run.rounds (not an iterate.py config)")
+    needs_eval = any(k.startswith("eval_tasks.") for k in config)
+    missing = missing_round_files(run_dir, rounds, needs_eval)
+    if missing:
+        log.warning("skipping %s: %s missing (run.rounds=%d; the run is incomplete)", run_dir,
+                    ", ".join(str(p.relative_to(run_dir)) for p in missing[:3]) + (" ..." if len(missing) > 3 else ""),
+                    rounds)
+        return None
+    points = []
+    if (run_dir / INITIAL / "eval.json").is_file():
+        points.append(Point(position=0, evals=read_evals(run_dir / INITIAL / "eval.json")))
+    points.extend(read_round(run_dir, k, quality=quality) for k in range(rounds))
+    return Run(path=run_dir, kind="iterate", config=config, points=tuple(points))
+
+
+def policy_training_flops(model_path: str | None) -> float | None:
+    """Search + train FLOPs that produced a checkpoint at <run>/round_<k>/policy (rounds 0..k of its
+    compute.json); 0 for a model that is no round's policy (the base model); None if unknown."""
+    if not model_path:
+        return 0.0
+    p = Path(model_path)
+    m = re.fullmatch(r"round_(\d+)", p.parent.name) if p.name == "policy" else None
+    if m is None:
+        return 0.0
+    total = 0.0
+    for j in range(int(m.group(1)) + 1):
+        path = p.parent.parent / f"round_{j}" / "compute.json"
+        if not path.is_file():
+            log.warning("%s: missing, so the training FLOPs of %s are unknown", path, model_path)
+            return None
+        compute = read_json_file(path)
+        total += phase_flops(compute, "search", path) + phase_flops(compute, "train", path)
+    return total
+
+
+def load_evaluate_run(out_dir: Path) -> Run:
+    config = read_config_file(out_dir / ".hydra" / "config.yaml")
+    data = read_json_file(out_dir / "eval.json")
+    if not isinstance(data, dict):
+        raise AnalysisError(f"{out_dir / 'eval.json'}: expected an evaluation result")
+    point = eval_point(str(data.get("task", config.get("task.name", "task"))), data, out_dir / "eval.json")
+    return Run(path=out_dir, kind="evaluate", config=config, evals=(point,),
+               train_flops=policy_training_flops(data.get("model") or config.get("model.path")))
+
+
+def run_kind(path: Path) -> str | None:
+    if (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / INITIAL).is_dir()
+                                              or any(path.glob("round_*"))):
+        return "iterate"
+    if (path / "eval.json").is_file() and (path / ".hydra" / "config.yaml").is_file():
+        return "evaluate"
+    return None
+
+
+def discover(args: Sequence[str]) -> list[tuple[Path, str]]:
+    """Run directories named by `args` (directories, globs, or folders holding runs at any depth)."""
+    found: list[tuple[Path, str]] = []
+    for arg in args:
+        matches = sorted(glob.glob(arg)) or [arg]
+        for m in map(Path, matches):
+            if not m.is_dir():
+                raise AnalysisError(f"{m}: not a directory")
+            before = len(found)
+            kind = run_kind(m)
+            if kind:
+                found.append((m, kind))
+                continue
+            for dirpath, dirnames, _ in os.walk(m):
+                here = Path(dirpath)
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "policy")
+                kind = run_kind(here)
+                if kind:
+                    found.append((here, kind))
+                    dirnames[:] = []
+            if len(found) == before:
+                raise AnalysisError(f"{m}: no run directory (config.yaml of iterate.py, or eval.json with "
+                                    ".hydra/config.yaml of evaluate.py) there or below")
+    unique = dict.fromkeys(found)
+    return list(unique)
+
+
+def load_runs(args: Sequence[str], *, quality: bool = True) -> list[Run]:
+    runs = []
+    for path, kind in discover(args):
+        run = load_iterate_run(path, quality=quality) if kind == "iterate" else load_evaluate_run(path)
+        if run is not None:
+            runs.append(run)
+    if not runs:
+        raise AnalysisError("no complete run among " + " ".join(args))
+    return runs
+
+
+# --- summaries (JSON-able) ------------------------------------------------------------------------------
+
+
+def band_dict(b: Band | None) -> dict[str, Any] | None:
+    return None if b is None else asdict(b)
+
+
+def eval_tasks(groups: Sequence[Group]) -> list[str]:
+    names = {t for g in groups for r in g.runs for p in r.points for t in p.evals}
+    names |= {e.task for g in groups for r in g.runs for e in r.evals}
+    return sorted(names)
+
+
+def _share_band(points: Sequence[Point], attr: str) -> Band | None:
+    return mean_band([getattr(p.quality, attr) for p in points if p.quality is not None
+                      and getattr(p.quality, attr) is not None])
+
+
+def _train_band(points: Sequence[Point], attr: str) -> Band | None:
+    return mean_band([getattr(p.train, attr) for p in points if p.train is not None and not p.train.skipped
+                      and getattr(p.train, attr) is not None])
+
+
+def summarize_position(group: Group, position: int, tasks: Sequence[str]) -> dict[str, Any]:
+    """One point (initial or after a round) of an iterate group, over its seeds."""
+    members = [(r, i) for r in group.runs for i, p in enumerate(r.points) if p.position == position]
+    points = [r.points[i] for r, i in members]
+    cum = [point_flops(r)[i] for r, i in members]
+    rounds = [p for p in points if p.position > 0]
+    per_tree = [p.pairs / p.trees for p in rounds if p.pairs is not None and p.trees]
+    tokens = [p.search_generated_tokens / p.trees for p in rounds if p.trees]
+    return {
+        "position": position, "label": points[0].label, "runs": len(points),
+        "accuracy": {t: band_dict(accuracy_band([p.evals[t] for p in points if t in p.evals])) for t in tasks},
+        "cumulative_flops": band_dict(mean_band(cum)),
+        "round_flops": band_dict(mean_band([p.total_flops for p in rounds])),
+        "pairs": band_dict(mean_band([p.pairs for p in rounds if p.pairs is not None])),
+        "pairs_per_tree": band_dict(mean_band(per_tree)),
+        "search_tokens_per_problem": band_dict(mean_band(tokens)),
+        "chosen_on_correct_path": band_dict(_share_band(rounds, "chosen_share")),
+        "rejected_off_correct_path": band_dict(_share_band(rounds, "rejected_share")),
+        "both_good": band_dict(_share_band(rounds, "both_share")),
+        "unmatched_pairs": sum(p.quality.unmatched for p in rounds if p.quality is not None),
+        "train_final_loss": band_dict(_train_band(rounds, "final_loss")),
+        "train_reward_margin": band_dict(_train_band(rounds, "reward_margin")),
+        "train_reward_accuracy": band_dict(_train_band(rounds, "reward_accuracy")),
+        "pairs_digests": sorted({p.pairs_digest for p in rounds if p.pairs_digest}),
+    }
+
+
+def summarize_evaluate(group: Group) -> dict[str, Any]:
+    evals = [e for r in group.runs for e in r.evals]
+    train = [r.train_flops for r in group.runs]
+    known = [t for t in train if t is not None]
+    first = evals[0]
+    return {
+        "task": first.task, "mode": first.mode, "k": first.k,
+        "simulations": group.config.get("search.simulations") if first.mode == "mcts" else None,
+        "model": group.config.get("model.path") or group.config.get("model.name"),
+        "accuracy": band_dict(accuracy_band(evals)),
+        "inference_flops": band_dict(mean_band([e.flops for e in evals])),
+        "train_flops": band_dict(mean_band(known)) if len(known) == len(train) else None,
+    }
+
+
+def summarize(groups: Sequence[Group]) -> dict[str, Any]:
+    tasks = eval_tasks(groups)
+    out = []
+    for g in groups:
+        entry = {"label": g.label, "kind": g.kind, "diff": dict(g.diff), "seeds": g.seeds,
+                 "runs": [str(r.path) for r in g.runs]}
+        if g.kind == "iterate":
+            positions = sorted({p.position for r in g.runs for p in r.points})
+            entry["points"] = [summarize_position(g, pos, tasks) for pos in positions]
+        else:
+            entry["evaluation"] = summarize_evaluate(g)
+        out.append(entry)
+    return {"tasks": tasks, "groups": out, "checks": checks(groups)}
+
+
+def checks(groups: Sequence[Group]) -> dict[str, Any]:
+    """Facts the experiments rely on: search tokens per problem per group (budget matching of pair
+    sources) and, per round, whether all iterate runs trained on the same pairs."""
+    iterate = [g for g in groups if g.kind == "iterate"]
+    tokens = {}
+    for g in iterate:
+        rounds = [p for r in g.runs for p in r.points if p.position > 0 and p.trees]
+        b = mean_band([p.search_generated_tokens / p.trees for p in rounds])
+        if b is not None:
+            tokens[g.label] = b.mean
+    same = {}
+    positions = sorted({p.position for g in iterate for r in g.runs for p in r.points if p.position > 0})
+    for pos in positions:
+        digests = [p.pairs_digest for g in iterate for r in g.runs for p in r.points
+                   if p.position == pos and p.pairs_digest]
+        if digests:
+            same[f"round {pos - 1}"] = {"runs": len(digests), "distinct_pair_sets": len(set(digests))}
+    ratio = max(tokens.values()) / min(tokens.values()) if tokens and min(tokens.values()) > 0 else None
+    return {"search_tokens_per_problem": tokens, "token_ratio_max_min": ratio, "pairs_per_round": same}
+
+
+# --- markdown -------------------------------------------------------------------------------------
+
+
+def _cell(b: Mapping[str, Any] | None, scale: float = 1.0, spec: str = ".1f") -> str:
+    if not b:
+        return "-"
+    return Band(**b).fmt(scale, spec)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
+    tasks = summary["tasks"]
+    parts = ["# Analysis", "",
+             "Mean over seeds with a 95% band in brackets: a t-interval over seeds when a group has two or "
+             "more, else the run's 95% Wilson interval (accuracy) or none. Accuracies in %; pair quality = "
+             "share of chosen steps on a path to a correct answer / of rejected steps on none.", ""]
+    iterate = [g for g in summary["groups"] if g["kind"] == "iterate"]
+    if iterate:
+        head = ["group", "seeds", "point", "cum. FLOPs", *[f"{t} acc" for t in tasks], "pairs", "pairs/tree",
+                "chosen good", "rejected good", "search tok/problem", "train loss", "reward margin"]
+        rows = []
+        for g in iterate:
+            for p in g["points"]:
+                rows.append([g["label"], ",".join(map(str, g["seeds"])), p["label"],
+                             _cell(p["cumulative_flops"], 1.0, ".3g"),
+                             *[_cell(p["accuracy"].get(t), 100.0) for t in tasks],
+                             _cell(p["pairs"], 1.0, ".1f"), _cell(p["pairs_per_tree"], 1.0, ".2f"),
+                             _cell(p["chosen_on_correct_path"], 100.0), _cell(p["rejected_off_correct_path"], 100.0),
+                             _cell(p["search_tokens_per_problem"], 1.0, ".0f"), _cell(p["train_final_loss"], 1.0, ".3f"),
+                             _cell(p["train_reward_margin"], 1.0, ".3f")])
+        parts += ["## Rounds", "", _table(head, rows), ""]
+    evaluate = [g for g in summary["groups"] if g["kind"] == "evaluate"]
+    if evaluate:
+        head = ["group", "seeds", "task", "mode", "k", "simulations", "accuracy", "train FLOPs", "inference FLOPs"]
+        rows = [[g["label"], ",".join(map(str, g["seeds"])), e["task"], e["mode"], str(e["k"] or "-"),
+                 str(e["simulations"] or "-"), _cell(e["accuracy"], 100.0),
+                 _cell(e["train_flops"], 1.0, ".3g") if e["train_flops"] else ("0" if e["train_flops"] is not None else "unknown"),
+                 _cell(e["inference_flops"], 1.0, ".3g")]
+                for g in evaluate for e in [g["evaluation"]]]
+        parts += ["## Inference-time runs (evaluate.py)", "", _table(head, rows), ""]
+    c = summary["checks"]
+    lines = []
+    if c["search_tokens_per_problem"]:
+        lines.append("Generated search tokens per problem: " + "; ".join(
+            f"{k}: {v:.0f}" for k, v in c["search_tokens_per_problem"].items())
+            + (f" (max/min {c['token_ratio_max_min']:.2f})" if c["token_ratio_max_min"] else ""))
+    for rnd, s in c["pairs_per_round"].items():
+        verdict = "the same pairs" if s["distinct_pair_sets"] == 1 else f"{s['distinct_pair_sets']} different pair sets"
+        lines.append(f"{rnd}: {s['runs']} runs trained on {verdict}")
+    if lines:
+        parts += ["## Checks", "", *[f"- {x}" for x in lines], ""]
+    if plots:
+        parts += ["## Plots", "", *[f"- {p.name}" for p in plots], ""]
+    return "\n".join(parts)
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(plt, count: int, width: float = 5.0, height: float = 3.8):
+    fig, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False, layout="constrained")
+    return fig, list(axes[0])
+
+
+def _save(fig, plt, path: Path, *, legend: bool = False) -> Path:
+    """Save (one legend for the figure below the panels when `legend`) and close."""
+    if legend:
+        handles, labels = {}, []
+        for ax in fig.axes:
+            for h, label in zip(*ax.get_legend_handles_labels()):
+                if label not in handles:
+                    handles[label] = h
+                    labels.append(label)
+        if labels:
+            fig.legend([handles[x] for x in labels], labels, loc="outside lower center", fontsize=7,
+                       ncol=1 if max(map(len, labels)) > 60 else 2)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _line(ax, xs, bands: Sequence[Mapping[str, Any]], label: str, scale: float = 100.0) -> None:
+    ys = [b["mean"] * scale for b in bands]
+    line, = ax.plot(xs, ys, marker="o", label=label)
+    ax.fill_between(xs, [b["low"] * scale for b in bands], [b["high"] * scale for b in bands],
+                    color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def plot_rounds(summary: Mapping[str, Any], path: Path) -> Path | None:
+    """(a) Held-out accuracy per round against cumulative FLOPs, one panel per task."""
+    groups = [g for g in summary["groups"] if g["kind"] == "iterate"]
+    if not groups or not summary["tasks"]:
+        return None
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(summary["tasks"]))
+    for ax, task in zip(axes, summary["tasks"]):
+        for g in groups:
+            pts = [p for p in g["points"] if p["accuracy"].get(task)]
+            _line(ax, [p["cumulative_flops"]["mean"] for p in pts], [p["accuracy"][task] for p in pts],
+                  f"{g['label']} (n={len(g['seeds'])})")
+        ax.set_title(task)
+        ax.set_xlabel("cumulative FLOPs (search + train + eval)", fontsize=8)
+        ax.set_ylabel("accuracy (%), 95% band")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Held-out accuracy after each round (first point: initial policy)")
+    return _save(fig, plt, path, legend=True)
+
+
+SEARCH_METRICS = (("pairs_per_tree", "pairs per tree", 1.0), ("chosen_on_correct_path", "chosen on a correct path (%)", 100.0),
+                  ("rejected_off_correct_path", "rejected on none (%)", 100.0),
+                  ("search_tokens_per_problem", "search tokens per problem", 1.0))
+
+
+def plot_search(groups: Sequence[Group], summary: Mapping[str, Any], path: Path) -> Path | None:
+    """(b) Pair yield and quality of the first round against search.simulations, one line per value of
+    the other swept keys."""
+    entries = [(g, s) for g, s in zip(groups, summary["groups"]) if g.kind == "iterate"
+               and any(p["position"] == 1 for p in s["points"])]
+    if not entries:
+        return None
+    series: dict[str, list[tuple[float, Mapping[str, Any]]]] = {}
+    for g, s in entries:
+        rest = ", ".join(f"{k}={short_value(k, v)}" for k, v in g.diff.items() if k != "search.simulations") or "all"
+        first = next(p for p in s["points"] if p["position"] == 1)
+        series.setdefault(rest, []).append((g.config.get("search.simulations", 0), first))
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(SEARCH_METRICS), width=4.2)
+    for ax, (key, title, scale) in zip(axes, SEARCH_METRICS):
+        for label, pts in series.items():
+            pts = sorted((x, p) for x, p in pts if p.get(key)) if all(isinstance(x, (int, float)) for x, _ in pts) else pts
+            pts = [(x, p) for x, p in pts if p.get(key)]
+            if pts:
+                _line(ax, [x for x, _ in pts], [p[key] for _, p in pts], label, scale)
+        ax.set_xlabel("search.simulations")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Round 0: pairs and pair quality against search budget")
+    return _save(fig, plt, path, legend=True)
+
+
+def plot_loss(groups: Sequence[Group], path: Path) -> Path | None:
+    """(c) Training loss at each logged step, one panel per group, one line per seed and round."""
+    entries = [g for g in groups if g.kind == "iterate"
+               and any(p.train and p.train.loss_history for r in g.runs for p in r.points)]
+    if not entries:
+        return None
+    plt = _pyplot()
+    cols = min(LOSS_PANEL_COLUMNS, len(entries))
+    rows = math.ceil(len(entries) / cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(entries):]:
+        ax.set_visible(False)
+    for ax, g in zip(axes, entries):
+        for r in g.runs:
+            for p in r.points:
+                if p.train and p.train.loss_history:
+                    ax.plot(range(1, len(p.train.loss_history) + 1), p.train.loss_history, marker=".",
+                            label=f"seed {r.config.get('run.seed')}, {p.label}")
+        ax.set_title(textwrap.fill(g.label, 45), fontsize=8)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return _save(fig, plt, path)
+
+
+def plot_loss_summary(summary: Mapping[str, Any], path: Path) -> Path | None:
+    """(c) Per group (horizontal bars, 95% bands): the last round's final reward margin and reward
+    accuracy, and held-out accuracy after the last round."""
+    groups = [g for g in summary["groups"] if g["kind"] == "iterate" and len(g["points"]) > 1]
+    if not groups:
+        return None
+    metrics = [("train_reward_margin", "reward margin (final)", 1.0), ("train_reward_accuracy", "reward accuracy (final)", 1.0)]
+    metrics += [(f"accuracy:{t}", f"{t} accuracy (%)", 100.0) for t in summary["tasks"]]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 3, 0.45 * len(groups) + 1.5),
+                             sharey=True, squeeze=False, layout="constrained")
+    ys = list(range(len(groups)))
+    for ax, (key, title, scale) in zip(axes[0], metrics):
+        last = [g["points"][-1] for g in groups]
+        bands = [p["accuracy"].get(key.split(":", 1)[1]) if key.startswith("accuracy:") else p.get(key) for p in last]
+        means = [b["mean"] * scale if b else float("nan") for b in bands]
+        err = [[(b["mean"] - b["low"]) * scale if b else 0.0 for b in bands],
+               [(b["high"] - b["mean"]) * scale if b else 0.0 for b in bands]]
+        ax.barh(ys, means, xerr=err, capsize=3, color="tab:blue", alpha=0.7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_yticks(ys, [g["label"] for g in groups], fontsize=7)
+    axes[0][0].invert_yaxis()
+    return _save(fig, plt, path)
+
+
+def compare_series(groups: Sequence[Group], task: str) -> list[tuple[str, list[tuple[float, Band, int | None]]]]:
+    """(d)'s lines for one task, as (label, [(x, accuracy band, k)]): each iterate group's points (initial,
+    after each round) at x = training FLOPs of the policy + its evaluation's inference FLOPs, means over
+    seeds; evaluate.py groups joined into one line per (model, mode), ordered by x."""
+    lines: list[tuple[str, list[tuple[float, Band, int | None]]]] = []
+    for g in groups:
+        if g.kind != "iterate":
+            continue
+        pts = []
+        for pos in sorted({p.position for r in g.runs for p in r.points}):
+            found = [(training_flops_at(r)[p.position] + p.evals[task].flops, p.evals[task])
+                     for r in g.runs for p in r.points if p.position == pos and task in p.evals]
+            if found:
+                pts.append((mean_band([x for x, _ in found]).mean, accuracy_band([e for _, e in found]), None))
+        lines.append((f"{g.label}: rounds ({g.config.get('eval.mode', 'greedy')})", pts))
+    merged: dict[str, list[tuple[float, Band, int | None]]] = {}
+    for g in groups:
+        evals = [(r.train_flops + e.flops, e) for r in g.runs if r.train_flops is not None
+                 for e in r.evals if e.task == task] if g.kind == "evaluate" else []
+        if not evals:
+            continue
+        path = g.config.get("model.path")
+        model = short_value("model.path", path) if path else str(g.config.get("model.name", "base"))
+        mode = evals[0][1].mode
+        k = evals[0][1].k if mode == "sampling" else g.config.get("search.simulations") if mode == "mcts" else None
+        merged.setdefault(f"{model}: {mode}", []).append(
+            (mean_band([x for x, _ in evals]).mean, accuracy_band([e for _, e in evals]), k))
+    lines += [(name, sorted(pts, key=lambda p: p[0])) for name, pts in merged.items()]
+    return lines
+
+
+def plot_compare(groups: Sequence[Group], tasks: Sequence[str], path: Path) -> Path | None:
+    """(d) Accuracy against total FLOPs (training + inference), log x, one panel per task; sampling
+    points are marked with k, MCTS points with the simulations."""
+    if not any(g.kind == "evaluate" for g in groups):
+        return None
+    tasks = [t for t in tasks if any(pts for _, pts in compare_series(groups, t))]
+    plt = _pyplot()
+    fig, axes = _panels(plt, max(1, len(tasks)))
+    for ax, task in zip(axes, tasks):
+        for label, pts in compare_series(groups, task):
+            if not pts:
+                continue
+            _line(ax, [x for x, _, _ in pts], [asdict(b) for _, b, _ in pts], label)
+            for x, b, k in pts:
+                if k:
+                    ax.annotate(str(k), (x, 100 * b.mean), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("training + inference FLOPs")
+        ax.set_ylabel("accuracy (%), 95% band")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("Accuracy against training + inference compute (numbers: k or simulations)")
+    return _save(fig, plt, path, legend=True)
+
+
+def wanted(kind: str, groups: Sequence[Group]) -> list[str]:
+    """Which plots to draw: the one asked for, or (auto) every one the runs support."""
+    if kind != "auto":
+        return [kind]
+    keys = {k for g in groups for k in g.diff}
+    out = ["rounds"] if any(g.kind == "iterate" for g in groups) else []
+    if keys & set(SEARCH_KEYS):
+        out.append("search")
+    if keys & set(LOSS_KEYS):
+        out.append("loss")
+    if any(g.kind == "evaluate" for g in groups):
+        out.append("compare")
+    return out
+
+
+def draw(kinds: Sequence[str], groups: Sequence[Group], summary: Mapping[str, Any], prefix: Path) -> list[Path]:
+    makers: dict[str, list[Callable[[], Path | None]]] = {
+        "rounds": [lambda: plot_rounds(summary, Path(f"{prefix}_rounds.png"))],
+        "search": [lambda: plot_search(groups, summary, Path(f"{prefix}_search.png"))],
+        "loss": [lambda: plot_loss(groups, Path(f"{prefix}_loss.png")),
+                 lambda: plot_loss_summary(summary, Path(f"{prefix}_loss_summary.png"))],
+        "compare": [lambda: plot_compare(groups, summary["tasks"], Path(f"{prefix}_compare.png"))],
+    }
+    plots = []
+    for kind in kinds:
+        made = [p for p in (make() for make in makers[kind]) if p is not None]
+        if not made:
+            log.warning("--kind %s: the runs hold nothing to plot for it", kind)
+        plots += made
+    return plots
+
+
+def analyze(args: Sequence[str], out: Path, kind: str = "auto") -> dict[str, Any]:
+    """Load, group, summarize, plot and write PREFIX.md / PREFIX.json; returns the summary."""
+    if kind not in KINDS:
+        raise AnalysisError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
+    groups = group_runs(load_runs(args))
+    summary = summarize(groups)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plots = draw(wanted(kind, groups), groups, summary, out)
+    summary["plots"] = [str(p) for p in plots]
+    Path(f"{out}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    Path(f"{out}.md").write_text(markdown(summary, plots))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories, globs, or folders holding runs")
+    parser.add_argument("--out", required=True, type=Path, help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX_*.png")
+    parser.add_argument("--kind", default="auto", choices=KINDS, help="which plot (auto: every one that applies)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = analyze(args.runs, args.out, args.kind)
+    except AnalysisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runs = sum(len(g["runs"]) for g in summary["groups"])
+    print(f"{runs} runs in {len(summary['groups'])} groups -> {args.out}.md, {args.out}.json"
+          + "".join(f", {Path(p).name}" for p in summary["plots"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
