@@ -12,7 +12,9 @@ node id, depth (steps in the shared prefix), Q and visits of each side, the gap,
 ends the solution, and the round. `pairs.jsonl` holds one per line.
 
 Options: at most `max_pairs_per_tree` pairs per tree (largest gaps first); only trees that reached a
-correct answer (`correct_only`); "full" pairs whose chosen and rejected continue to a terminal node
+correct answer (`correct_only`); only "verified" pairs, whose chosen step leads (somewhere in the
+tree) to an answer validated correct and whose rejected step leads only to answers validated wrong;
+"full" pairs whose chosen and rejected continue to a terminal node
 (the chosen side along the highest-Q children, the rejected side along the lowest); duplicate pairs
 (same prompt, chosen and rejected) dropped.
 """
@@ -30,8 +32,8 @@ from mcts.sampling import outcome_pairs
 from mcts.tree import Node, Tree
 from mcts.types import Problem
 
-PAIR_KEYS = ("prompt", "chosen", "rejected", "problem_id", "node_id", "depth", "chosen_q", "rejected_q",
-             "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round")
+PAIR_KEYS = ("prompt", "chosen", "rejected", "problem_id", "node_id", "chosen_id", "rejected_id", "depth", "chosen_q",
+             "rejected_q", "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round")
 """The keys of a pair line (TRL's three columns first)."""
 
 SOURCES = ("mcts", "sampling")
@@ -53,6 +55,11 @@ class PairsConfig:
     max_pairs_per_tree: keep at most this many pairs per tree (per problem), largest gaps first (0 = no
         cap); with source=sampling, the cap on correct x wrong pairs per problem (m).
     correct_only: keep pairs only from trees where some terminal was validated correct.
+    verified: choose among children by their validated outcomes first: chosen = the highest-Q child
+        whose subtree holds a terminal validated correct, rejected = the lowest-Q child whose subtree
+        holds a terminal validated wrong and none validated correct; with `full`, continuations follow
+        such children too. The outcomes decide, so `margin` does not apply. A node without both kinds of children gives no pair. For small policies
+        whose self-evaluation carries no signal, this keeps the pairs the outcomes vouch for.
     full: chosen/rejected continue to a terminal node (best/worst continuation) instead of one step.
     dedupe: drop a pair whose (prompt, chosen, rejected) was already emitted for the same tree.
     step_suffix: appended to each step of chosen/rejected; null = the prompt's step separator
@@ -65,6 +72,7 @@ class PairsConfig:
     min_visits: int = 1
     max_pairs_per_tree: int = 0
     correct_only: bool = False
+    verified: bool = False
     full: bool = False
     dedupe: bool = True
     step_suffix: str | None = None
@@ -80,8 +88,35 @@ class PairsConfig:
             raise ValueError("pairs.min_visits and pairs.max_pairs_per_tree must be >= 0")
 
 
-def _extreme_child(tree: Tree, node: Node, *, best: bool, min_visits: int) -> Node | None:
+Reach = dict[int, tuple[bool, bool]]
+"""node id -> (its subtree holds a terminal validated correct, one validated wrong)."""
+
+
+def outcome_reach(tree: Tree) -> Reach:
+    """For every node: whether its subtree (itself included) holds a terminal whose answer was
+    validated correct (outcome > 0), and one validated wrong (outcome < 0)."""
+    reach: Reach = {}
+    for node in sorted(tree.nodes, key=lambda n: -n.depth):  # children before parents
+        good = node.terminal and node.outcome is not None and node.outcome > 0
+        bad = node.terminal and node.outcome is not None and node.outcome < 0
+        for c in node.children:
+            child_good, child_bad = reach[c]
+            good, bad = good or child_good, bad or child_bad
+        reach[node.id] = (good, bad)
+    return reach
+
+
+def _eligible(kids: list[Node], *, best: bool, reach: Reach | None) -> list[Node]:
+    if reach is None:
+        return kids
+    if best:
+        return [k for k in kids if reach[k.id][0]]
+    return [k for k in kids if reach[k.id][1] and not reach[k.id][0]]
+
+
+def _extreme_child(tree: Tree, node: Node, *, best: bool, min_visits: int, reach: Reach | None = None) -> Node | None:
     kids = [tree.nodes[c] for c in node.children if tree.nodes[c].visits >= max(min_visits, 1)]
+    kids = _eligible(kids, best=best, reach=reach)
     if not kids:
         return None
     # Ties: more visits first, then lower id: deterministic.
@@ -90,13 +125,15 @@ def _extreme_child(tree: Tree, node: Node, *, best: bool, min_visits: int) -> No
     return min(kids, key=lambda n: (n.q, -n.visits, n.id))
 
 
-def continuation(tree: Tree, start: Node, *, best: bool, min_visits: int = 1) -> list[Node] | None:
-    """The path from `start` down to a terminal, following the highest-Q (best) or lowest-Q child;
-    None when it ends at an unexpanded non-terminal leaf."""
+def continuation(tree: Tree, start: Node, *, best: bool, min_visits: int = 1,
+                 reach: Reach | None = None) -> list[Node] | None:
+    """The path from `start` down to a terminal, following the highest-Q (best) or lowest-Q child
+    (with `reach`: among children that lead to a correct answer, or only to wrong ones); None when
+    it ends at an unexpanded non-terminal leaf."""
     path = [start]
     node = start
     while not node.terminal:
-        nxt = _extreme_child(tree, node, best=best, min_visits=min_visits)
+        nxt = _extreme_child(tree, node, best=best, min_visits=min_visits, reach=reach)
         if nxt is None:
             return None
         path.append(nxt)
@@ -110,17 +147,17 @@ def render_steps(nodes: Sequence[Node], suffix: str) -> str:
     return "".join(n.text + ("" if n.terminal else suffix) for n in nodes)
 
 
-def node_pairs(tree: Tree, node: Node, *, config: PairsConfig) -> tuple[Node, Node] | None:
-    """(chosen, rejected) children of `node` when they qualify, else None."""
+def node_pairs(tree: Tree, node: Node, *, config: PairsConfig, reach: Reach | None = None) -> tuple[Node, Node] | None:
+    """(chosen, rejected) children of `node` when they qualify, else None (`reach`: verified pairs)."""
     kids = [tree.nodes[c] for c in node.children if tree.nodes[c].visits >= max(config.min_visits, 1)]
     if len(kids) < 2:
         return None
-    chosen = _extreme_child(tree, node, best=True, min_visits=config.min_visits)
-    rejected = _extreme_child(tree, node, best=False, min_visits=config.min_visits)
+    chosen = _extreme_child(tree, node, best=True, min_visits=config.min_visits, reach=reach)
+    rejected = _extreme_child(tree, node, best=False, min_visits=config.min_visits, reach=reach)
     if chosen is None or rejected is None or chosen.id == rejected.id:
         return None
-    if chosen.q - rejected.q < config.margin or math.isclose(chosen.q, rejected.q):
-        return None
+    if reach is None and (chosen.q - rejected.q < config.margin or math.isclose(chosen.q, rejected.q)):
+        return None  # verified pairs rest on validated outcomes, not on a Q gap
     return chosen, rejected
 
 
@@ -134,18 +171,19 @@ def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPromp
     if config.correct_only and not tree.solved():
         return []
     suffix = separator if config.step_suffix is None else config.step_suffix
+    reach = outcome_reach(tree) if config.verified else None
     pairs: list[dict[str, Any]] = []
     seen: set[tuple[str, str, str]] = set()
     for node in tree.nodes:
         if not node.children:
             continue
-        found = node_pairs(tree, node, config=config)
+        found = node_pairs(tree, node, config=config, reach=reach)
         if found is None:
             continue
         chosen, rejected = found
         if config.full:
-            good = continuation(tree, chosen, best=True, min_visits=config.min_visits)
-            bad = continuation(tree, rejected, best=False, min_visits=config.min_visits)
+            good = continuation(tree, chosen, best=True, min_visits=config.min_visits, reach=reach)
+            bad = continuation(tree, rejected, best=False, min_visits=config.min_visits, reach=reach)
             if good is None or bad is None:
                 continue
         else:
@@ -160,7 +198,8 @@ def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPromp
         seen.add(key)
         pairs.append({
             "prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
-            "problem_id": tree.problem.id, "node_id": node.id, "depth": node.depth,
+            "problem_id": tree.problem.id, "node_id": node.id, "chosen_id": chosen.id, "rejected_id": rejected.id,
+            "depth": node.depth,
             "chosen_q": chosen.q, "rejected_q": rejected.q,
             "chosen_visits": chosen.visits, "rejected_visits": rejected.visits,
             "gap": chosen.q - rejected.q,

@@ -153,3 +153,56 @@ def test_stats_and_round_trip(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: not a JSON line"):
         read_pairs(path)
+
+
+def verified_tree() -> Tree:
+    """root -> a (q .5): a1 terminal wrong, a2 -> a21 terminal correct
+               b (q -.2): b1 terminal wrong
+               c (q -.9): unexpanded (self-evaluation only)
+    By Q alone the root pair is a vs c; verified, c leads to no checked answer: a vs b."""
+    t = Tree(PROBLEM)
+    set_stats(t.root, 8, 0.0)
+    a = t.add_child(0, text="5 + 3 = 8.")
+    b = t.add_child(0, text="5 - 3 = 2.")
+    c = t.add_child(0, text="Hmm.")
+    set_stats(a, 4, 0.5)
+    set_stats(b, 2, -0.2)
+    set_stats(c, 1, -0.9)
+    a1 = t.add_child(a.id, text="The answer is 9.", terminal=True, answer="9", outcome=-1.0)
+    a2 = t.add_child(a.id, text="So she has 8.")
+    set_stats(a1, 1, 0.9)  # a wrong terminal with a high Q (say, a noisy value): verified ignores Q here
+    set_stats(a2, 2, 0.1)
+    a21 = t.add_child(a2.id, text="The answer is 8.", terminal=True, answer="8", outcome=1.0)
+    set_stats(a21, 1, 1.0)
+    b1 = t.add_child(b.id, text="The answer is 2.", terminal=True, answer="2", outcome=-1.0)
+    set_stats(b1, 1, -1.0)
+    return t
+
+
+def test_outcome_reach():
+    from mcts.pairs import outcome_reach
+
+    reach = outcome_reach(verified_tree())
+    assert reach[0] == (True, True)
+    assert reach[1] == (True, True) and reach[2] == (False, True) and reach[3] == (False, False)
+    assert reach[5] == (True, False) and reach[4] == (False, True)
+
+
+def test_verified_pairs_follow_validated_outcomes():
+    plain = extract_pairs(verified_tree(), config=PairsConfig(margin=0.0), format_prompt=fmt)
+    root = next(p for p in plain if p["node_id"] == 0)
+    assert (root["chosen_id"], root["rejected_id"]) == (1, 3)  # Q alone: a vs the unexplored c
+    at_a = next(p for p in plain if p["node_id"] == 1)
+    assert (at_a["chosen_id"], at_a["rejected_id"]) == (4, 5)  # Q alone prefers the wrong terminal
+
+    pairs = extract_pairs(verified_tree(), config=PairsConfig(margin=0.0, verified=True), format_prompt=fmt)
+    by_node = {p["node_id"]: p for p in pairs}
+    assert set(by_node) == {0, 1}
+    assert (by_node[0]["chosen_id"], by_node[0]["rejected_id"]) == (1, 2)
+    assert (by_node[1]["chosen_id"], by_node[1]["rejected_id"]) == (5, 4)
+    assert by_node[1]["chosen"] == "So she has 8.\n" and by_node[1]["rejected"] == "The answer is 9."
+
+    full = extract_pairs(verified_tree(), config=PairsConfig(margin=0.0, verified=True, full=True), format_prompt=fmt)
+    root = next(p for p in full if p["node_id"] == 0)
+    assert root["chosen"] == "5 + 3 = 8.\nSo she has 8.\nThe answer is 8."  # along the correct branch, not a1
+    assert root["rejected"] == "5 - 3 = 2.\nThe answer is 2."
