@@ -48,6 +48,32 @@ def changes(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def flipped_examples(history: list[dict], limit: int = 2) -> str:
+    """A few problems the first evaluation got wrong and the last got right (greedy outputs shown),
+    and how many flipped each way, per task."""
+    evals = [h for h in history if h.get("eval")]
+    if len(evals) < 2:
+        return ""
+    first, last = evals[0]["eval"], evals[-1]["eval"]
+    out = []
+    for name in sorted(set(first) & set(last)):
+        before = {r["id"]: r for r in first[name].get("records", [])}
+        after = {r["id"]: r for r in last[name].get("records", [])}
+        common = [i for i in after if i in before]
+        fixed = [i for i in common if after[i]["correct"] and not before[i]["correct"]]
+        broken = [i for i in common if before[i]["correct"] and not after[i]["correct"]]
+        if not common:
+            continue
+        out.append(f"{name}: {len(fixed)} problems newly solved, {len(broken)} newly failed")
+        for i in fixed[:limit]:
+            b, a = before[i], after[i]
+            out.append(f"  [{i}] {a['question']}  (gold {a['gold']})")
+            if "output" in b and "output" in a:
+                out.append("    before: " + " / ".join(b["output"].strip().splitlines()))
+                out.append("    after:  " + " / ".join(a["output"].strip().splitlines()))
+    return "\n".join(out)
+
+
 def plot_accuracy(history: list[dict], path: Path) -> bool:
     evals = [h for h in history if h.get("eval")]
     if not evals:
@@ -88,6 +114,9 @@ def write_report(run_dir: Path, history: list[dict]) -> str:
     text = f"# Run {Path(run_dir).name}\n\n{table}\n"
     if delta:
         text += f"\nWhat changed (first -> last evaluation):\n{delta}\n"
+    flips = flipped_examples(history)
+    if flips:
+        text += f"\nPer problem (first -> last evaluation):\n{flips}\n"
     plotted = plot_accuracy(history, Path(run_dir) / "accuracy.png")
     if plotted:
         text += f"\nPlot: {Path(run_dir) / 'accuracy.png'}\n"

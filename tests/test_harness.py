@@ -86,3 +86,21 @@ def test_accuracy_by_difficulty_from_generated_ids():
     assert (out["1"]["n"], out["1"]["correct"], out["1"]["accuracy"]) == (2, 1, 0.5)
     assert (out["2"]["n"], out["2"]["correct"]) == (3, 2)
     assert accuracy_by_difficulty([Problem("gsm8k-1", "q", "1")], [{"correct": True}]) == {}
+
+
+def test_report_lists_flipped_problems(tmp_path):
+    from harness.report import flipped_examples, write_report
+
+    def ev(correct):
+        records = [dict(id=f"p{i}", question=f"q{i}", gold="1", prediction="1" if c else "2", correct=c,
+                        output=f"step\nThe answer is {'1' if c else '2'}.") for i, c in enumerate(correct)]
+        n, k = len(correct), sum(correct)
+        return {"t": dict(accuracy=k / n, ci95=[0.0, 1.0], n=n, correct=k, records=records)}
+
+    history = [{"round": "initial", "eval": ev([False, False, True])},
+               {"round": 0, "eval": ev([True, False, False])}]
+    text = flipped_examples(history)
+    assert "t: 1 problems newly solved, 1 newly failed" in text
+    assert "[p0] q0" in text and "before: step / The answer is 2." in text and "after:  step / The answer is 1." in text
+    report = write_report(tmp_path, history)
+    assert "Per problem" in report and (tmp_path / "accuracy.png").is_file()
