@@ -33,7 +33,7 @@ from mcts.tree import Node, Tree
 from mcts.types import Problem
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "problem_id", "node_id", "chosen_id", "rejected_id", "depth", "chosen_q",
-             "rejected_q", "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round")
+             "rejected_q", "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round", "source")
 """The keys of a pair line (TRL's three columns first)."""
 
 SOURCES = ("mcts", "sampling")
@@ -204,7 +204,7 @@ def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPromp
             "chosen_visits": chosen.visits, "rejected_visits": rejected.visits,
             "gap": chosen.q - rejected.q,
             "chosen_terminal": good[-1].terminal, "rejected_terminal": bad[-1].terminal,
-            "round": round_index,
+            "round": round_index, "source": "mcts",
         })
     pairs.sort(key=lambda p: (-p["gap"], p["depth"], p["node_id"]))
     if config.max_pairs_per_tree:

@@ -97,6 +97,6 @@ def outcome_pairs(tree: Tree, *, format_prompt: Callable[[Problem, tuple[str, ..
             "chosen_q": chosen.q, "rejected_q": rejected.q,
             "chosen_visits": chosen.visits, "rejected_visits": rejected.visits,
             "gap": chosen.q - rejected.q, "chosen_terminal": True, "rejected_terminal": True,
-            "round": round_index,
+            "round": round_index, "source": SOURCE,
         })
     return pairs

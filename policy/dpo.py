@@ -273,7 +273,9 @@ def encode_pairs(pairs: Iterable[dict[str, Any]], tokenizer, *, cfg: TrainConfig
             continue
         row = {"prompt_ids": full["chosen"][:cut], "chosen_ids": done["chosen"], "rejected_ids": done["rejected"]}
         if cfg.smoothing_active:
-            row[SMOOTHING_COLUMN] = conservative_smoothing(
+            # Sampled whole solutions (pairs.source=sampling) are one visit each: visit counts say nothing
+            # about them (and 1/1 would give eps 0.5, no gradient at all), so they are not smoothed.
+            row[SMOOTHING_COLUMN] = 0.0 if pair.get("source") == "sampling" else conservative_smoothing(
                 int(pair.get("chosen_visits", 0)), int(pair.get("rejected_visits", 0)), cfg.smoothing_cap)
         rows.append(row)
         tokens += sum(min(cut + len(done[side]), cfg.max_length) for side in done)

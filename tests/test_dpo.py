@@ -110,6 +110,8 @@ def test_encode_pairs_eos_and_smoothing(pairs, tokenizer):
     assert "label_smoothing" not in encode_pairs(pairs, tokenizer, cfg=replace(TINY, conservative=False)).rows[0]
     assert all(r["chosen_ids"][-1] == eos for r in encode_pairs(pairs, tokenizer, cfg=replace(TINY, eos="always")).rows)
     assert encode_pairs(pairs, tokenizer, cfg=replace(TINY, max_length=8)).dropped == 8  # prompts fill it
+    sampled = [{**p, "source": "sampling", "chosen_visits": 1, "rejected_visits": 1} for p in pairs]
+    assert all(r[SMOOTHING_COLUMN] == 0.0 for r in encode_pairs(sampled, tokenizer, cfg=TINY).rows)  # not 0.5
 
 
 # --- the per-pair smoothing reaches TRL's loss ------------------------------------------------------------
