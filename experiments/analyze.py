@@ -71,6 +71,7 @@ IGNORED_PREFIXES = ("hydra.", "tracking.")
 KINDS = ("auto", "rounds", "search", "loss", "compare")
 SEARCH_KEYS = ("search.simulations", "search.breadth", "search.breadth_root")
 LOSS_KEYS = ("train.loss_type", "train.loss_weights", "train.conservative")
+SAMPLING_KEYS = ("eval.k", "eval.temperature", "eval.top_p")
 INITIAL = "initial"
 LOSS_PANEL_COLUMNS = 4
 
@@ -187,7 +188,7 @@ class Run:
 
     @property
     def group_config(self) -> dict[str, Any]:
-        return {k: v for k, v in self.config.items() if is_group_key(k)}
+        return {k: v for k, v in self.config.items() if is_group_key(k) and not idle_key(self.config, k)}
 
 
 @dataclass(frozen=True)
@@ -273,20 +274,35 @@ def is_group_key(key: str) -> bool:
     return key not in SEED_KEYS and key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES)
 
 
+def idle_key(config: Mapping[str, Any], key: str) -> bool:
+    """A key that cannot act in this config: the sampling-mode keys of an evaluation that does not
+    sample, the search keys of an evaluation that does not search, pairs.samples of an MCTS pair source."""
+    mode = config.get("eval.mode")
+    if "run.rounds" not in config:  # an evaluate.py config
+        return (mode != "sampling" and key in SAMPLING_KEYS) or (mode != "mcts" and key.startswith("search."))
+    return config.get("pairs.source") == "mcts" and key == "pairs.samples"
+
+
 def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
 def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Keys whose value (or presence) differs between `configs`, sorted."""
+    """Keys that take more than one value among the `configs` that have them, sorted; if those do not
+    tell the configs apart, keys whose presence differs too."""
     keys = sorted({k for c in configs for k in c})
+    varied = [k for k in keys if len({canonical(c[k]) for c in configs if k in c}) > 1]
+    if len({canonical({k: c.get(k) for k in varied}) for c in configs}) == len(configs):
+        return varied
     return [k for k in keys if len({canonical(c.get(k, "<unset>")) for c in configs}) > 1]
 
 
 def short_value(key: str, value: Any) -> str:
-    """A label-sized value: lists as a,b; a policy path as <run>/round_<k>."""
+    """A label-sized value: lists as a,b; a policy path as <run>/round_<k>; no model path as "base"."""
     if isinstance(value, list):
         return ",".join(map(str, value))
+    if key == "model.path" and value is None:
+        return "base"
     if key == "model.path" and isinstance(value, str):
         m = re.search(r"([^/]+)/(round_\d+)/policy/?$", value)
         return f"{m.group(1)}/{m.group(2)}" if m else Path(value).name
@@ -306,7 +322,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         keys = differing_keys(configs)
         for config, rs in zip(configs, [rs for _, rs in members]):
             ordered = tuple(sorted(rs, key=lambda r: canonical(r.seed)))
-            groups.append(Group(kind, config, ordered, {k: config.get(k) for k in keys}))
+            groups.append(Group(kind, config, ordered, {k: config[k] for k in keys if k in config}))
     return groups
 
 
@@ -750,6 +766,8 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
             f"{k}: {v:.0f}" for k, v in c["search_tokens_per_problem"].items())
             + (f" (max/min {c['token_ratio_max_min']:.2f})" if c["token_ratio_max_min"] else ""))
     for rnd, s in c["pairs_per_round"].items():
+        if s["runs"] < 2:
+            continue
         verdict = "the same pairs" if s["distinct_pair_sets"] == 1 else f"{s['distinct_pair_sets']} different pair sets"
         lines.append(f"{rnd}: {s['runs']} runs trained on {verdict}")
     if lines:
@@ -841,10 +859,11 @@ def plot_search(groups: Sequence[Group], summary: Mapping[str, Any], path: Path)
     fig, axes = _panels(plt, len(SEARCH_METRICS), width=4.2)
     for ax, (key, title, scale) in zip(axes, SEARCH_METRICS):
         for label, pts in series.items():
-            pts = sorted((x, p) for x, p in pts if p.get(key)) if all(isinstance(x, (int, float)) for x, _ in pts) else pts
-            pts = [(x, p) for x, p in pts if p.get(key)]
+            pts = sorted(((x, p) for x, p in pts if p.get(key)), key=lambda xp: xp[0])
             if pts:
                 _line(ax, [x for x, _ in pts], [p[key] for _, p in pts], label, scale)
+        if all(x > 0 for pts in series.values() for x, _ in pts):
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("search.simulations")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -927,7 +946,7 @@ def compare_series(groups: Sequence[Group], task: str) -> list[tuple[str, list[t
         if not evals:
             continue
         path = g.config.get("model.path")
-        model = short_value("model.path", path) if path else str(g.config.get("model.name", "base"))
+        model = short_value("model.path", path) if path else f"base {g.config.get('model.name', '')}".strip()
         mode = evals[0][1].mode
         k = evals[0][1].k if mode == "sampling" else g.config.get("search.simulations") if mode == "mcts" else None
         merged.setdefault(f"{model}: {mode}", []).append(
@@ -965,7 +984,7 @@ def wanted(kind: str, groups: Sequence[Group]) -> list[str]:
     """Which plots to draw: the one asked for, or (auto) every one the runs support."""
     if kind != "auto":
         return [kind]
-    keys = {k for g in groups for k in g.diff}
+    keys = {k for g in groups if g.kind == "iterate" for k in g.diff}
     out = ["rounds"] if any(g.kind == "iterate" for g in groups) else []
     if keys & set(SEARCH_KEYS):
         out.append("search")

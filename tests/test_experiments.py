@@ -261,7 +261,7 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
         summary = an.analyze([str(runs / "*"), str(evals)], out)
     assert any("broken" in r.message and "round_1" in r.message for r in caplog.records)
     groups = {g["label"]: g for g in summary["groups"]}
-    assert set(groups) == {"train.loss_type=sigmoid", "train.loss_type=ipo", "model.path=None", "model.path=dpo-s0/round_1"}
+    assert set(groups) == {"train.loss_type=sigmoid", "train.loss_type=ipo", "model.path=base", "model.path=dpo-s0/round_1"}
     dpo = groups["train.loss_type=sigmoid"]
     assert dpo["seeds"] == [0, 1] and len(dpo["runs"]) == 2
     r0 = dpo["points"][1]["accuracy"]["arith_test"]  # 0.4 and 0.6 -> mean 0.5, t-band
@@ -271,7 +271,7 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
     assert groups["train.loss_type=ipo"]["points"][1]["accuracy"]["arith_test"]["method"] == "wilson"
     trained = groups["model.path=dpo-s0/round_1"]["evaluation"]
     assert trained["train_flops"]["mean"] == 300.0 and trained["inference_flops"]["mean"] == 40.0
-    assert groups["model.path=None"]["evaluation"]["train_flops"]["mean"] == 0.0
+    assert groups["model.path=base"]["evaluation"]["train_flops"]["mean"] == 0.0
     assert summary["checks"]["pairs_per_round"]["round 0"] == {"runs": 3, "distinct_pair_sets": 1}
     for suffix in ("_rounds.png", "_loss.png", "_loss_summary.png", "_compare.png", ".md", ".json"):
         assert Path(f"{out}{suffix}").is_file(), suffix
