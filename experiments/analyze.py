@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from mcts.pairs import read_pairs  # noqa: E402
+from mcts.pairs import outcome_reach, read_pairs  # noqa: E402
 from mcts.tree import Node, Tree, read_trees  # noqa: E402
 
 log = logging.getLogger("analyze")
@@ -326,13 +326,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return groups
 
 
-def correct_subtrees(tree: Tree) -> set[int]:
-    """Ids of the nodes that are, or have below them, a terminal verified correct (outcome > 0)."""
-    good: set[int] = set()
-    for node in reversed(tree.nodes):  # a child's id is larger than its parent's
-        if (node.terminal and node.outcome is not None and node.outcome > 0) or any(c in good for c in node.children):
-            good.add(node.id)
-    return good
+def correct_nodes(tree: Tree) -> set[int]:
+    """Ids of the nodes that are, or have below them, a terminal validated correct (outcome > 0)."""
+    return {node_id for node_id, (good, _) in outcome_reach(tree).items() if good}
 
 
 def match_child(tree: Tree, parent_id: int, text: str, q: float | None, visits: int | None) -> Node | None:
@@ -352,10 +348,20 @@ def match_child(tree: Tree, parent_id: int, text: str, q: float | None, visits: 
     return min(found, key=distance)
 
 
+def pair_side(tree: Tree, pair: Mapping[str, Any], side: str) -> Node | None:
+    """The child a pair side names: by `<side>_id` when the record has it (mcts/pairs.py writes it) and it
+    is a child of `node_id`, else by text among the children of `node_id` (sampling pairs, older files)."""
+    parent = int(pair["node_id"])
+    node_id = pair.get(f"{side}_id")
+    if isinstance(node_id, int) and 0 <= node_id < len(tree.nodes) and tree.nodes[node_id].parent == parent:
+        return tree.nodes[node_id]
+    return match_child(tree, parent, pair[side], pair.get(f"{side}_q"), pair.get(f"{side}_visits"))
+
+
 def pair_quality(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> PairQuality:
-    """Pair quality of one round (see PairQuality). A pair names its tree (`problem_id`) and the node
-    whose children it compares (`node_id`); chosen and rejected are matched among those children by
-    text, ties broken by the recorded Q and visits."""
+    """Pair quality of one round (see PairQuality). A pair names its tree (`problem_id`), the node whose
+    children it compares (`node_id`) and the two children (`chosen_id`, `rejected_id`; without them,
+    matched by text, ties broken by the recorded Q and visits)."""
     by_id = {t.problem.id: t for t in trees}
     good_cache: dict[str, set[int]] = {}
     matched = unmatched = chosen_good = rejected_good = both = 0
@@ -364,13 +370,11 @@ def pair_quality(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> P
         if tree is None or "node_id" not in pair:
             unmatched += 1
             continue
-        parent = int(pair["node_id"])
-        chosen = match_child(tree, parent, pair["chosen"], pair.get("chosen_q"), pair.get("chosen_visits"))
-        rejected = match_child(tree, parent, pair["rejected"], pair.get("rejected_q"), pair.get("rejected_visits"))
+        chosen, rejected = pair_side(tree, pair, "chosen"), pair_side(tree, pair, "rejected")
         if chosen is None or rejected is None:
             unmatched += 1
             continue
-        good = good_cache.setdefault(tree.problem.id, correct_subtrees(tree))
+        good = good_cache.setdefault(tree.problem.id, correct_nodes(tree))
         c_ok, r_ok = chosen.id in good, rejected.id not in good
         matched += 1
         chosen_good += c_ok

@@ -124,8 +124,8 @@ def quality_tree() -> Tree:
     return t
 
 
-def test_correct_subtrees():
-    assert an.correct_subtrees(quality_tree()) == {0, 1, 3, 7, 8}
+def test_correct_nodes():
+    assert an.correct_nodes(quality_tree()) == {0, 1, 3, 7, 8}
 
 
 def test_pair_quality_on_known_pairs():
@@ -148,6 +148,10 @@ def test_pair_quality_on_known_pairs():
     q = an.pair_quality([tree], extracted + manual)
     assert q == an.PairQuality(pairs=4, unmatched=1, chosen_good=3, rejected_good=3, both_good=3)
     assert q.chosen_share == 0.75 and q.rejected_share == 0.75 and q.both_share == 0.75
+    # Node ids in the record win over text matching (C's Q recorded, but chosen_id names D).
+    by_id = {**manual[0], "chosen_id": 7, "rejected_id": 2}
+    assert an.pair_quality([tree], [by_id]) == an.PairQuality(1, 0, 1, 1, 1)
+    assert an.pair_quality([tree], [{**by_id, "chosen_id": 3}]).chosen_good == 0  # 3 is no child of 0: by text, C
 
 
 def test_pair_quality_of_sampling_pairs_is_perfect_by_construction():
