@@ -283,8 +283,18 @@ def idle_key(config: Mapping[str, Any], key: str) -> bool:
     return config.get("pairs.source") == "mcts" and key == "pairs.samples"
 
 
+def _numbers_as_floats(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)  # `x=0` on the command line and `x: 0.0` in a yaml are one value
+    if isinstance(value, list):
+        return [_numbers_as_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    return value
+
+
 def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    return json.dumps(_numbers_as_floats(value), sort_keys=True, default=str)
 
 
 def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -301,6 +311,8 @@ def short_value(key: str, value: Any) -> str:
     """A label-sized value: lists as a,b; a policy path as <run>/round_<k>; no model path as "base"."""
     if isinstance(value, list):
         return ",".join(map(str, value))
+    if isinstance(value, str) and (value != value.strip() or not value.isprintable()):
+        return json.dumps(value)  # e.g. a step separator " " or "\n"
     if key == "model.path" and value is None:
         return "base"
     if key == "model.path" and isinstance(value, str):
@@ -729,7 +741,7 @@ def _cell(b: Mapping[str, Any] | None, scale: float = 1.0, spec: str = ".1f") ->
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -808,8 +820,11 @@ def _save(fig, plt, path: Path, *, legend: bool = False) -> Path:
                     handles[label] = h
                     labels.append(label)
         if labels:
-            fig.legend([handles[x] for x in labels], labels, loc="outside lower center", fontsize=7,
-                       ncol=1 if max(map(len, labels)) > 60 else 2)
+            ncol = 1 if max(map(len, labels)) > 60 else 2
+            width, height = fig.get_size_inches()  # room for the legend rows below the panels
+            fig.set_size_inches(width, height + 0.16 * math.ceil(len(labels) / ncol) * (1 + max(map(len, labels)) // 150))
+            fig.legend([handles[x] for x in labels], [textwrap.fill(x, 150) for x in labels],
+                       loc="outside lower center", fontsize=7, ncol=ncol)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

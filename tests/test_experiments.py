@@ -185,6 +185,8 @@ def test_grouping_drops_seeds_names_and_paths():
         ("train.learning_rate=1e-05", 2, [0, 1]), ("train.learning_rate=1e-06", 1, [0])]
     assert an.differing_keys([{"a": 1, "b": [1]}, {"a": 1, "b": [1, 2]}, {"a": 1}]) == ["b"]
     assert an.short_value("model.path", "runs/x/round_2/policy") == "x/round_2"
+    assert an.short_value("prompt.step_separator", "\n") == '"\\n"'
+    assert an.canonical({"margin": 0}) == an.canonical({"margin": 0.0}) != an.canonical({"margin": False})
 
 
 # --- the analysis on fabricated run directories --------------------------------------------------------
