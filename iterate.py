@@ -49,6 +49,13 @@ def derive_seed(*parts: Any) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
+def engine_config(s: Settings):
+    """The backend config with its engine seed derived from run.seed: neither engine honours per-request
+    seeds on the CPU (vLLM's crash there, NOTES.md), so the engine seed is what makes two run seeds
+    sample different trees."""
+    return replace(s.backend, seed=derive_seed(s.run.seed, "engine", s.backend.seed))
+
+
 class Engine:
     """The generation backend, started lazily and restarted on a new checkpoint (holds the engine)."""
 
@@ -59,7 +66,7 @@ class Engine:
 
     def serve(self, path: str):
         if self.backend is None:
-            self.backend = make_backend(self.s.backend, path)
+            self.backend = make_backend(engine_config(self.s), path)
         elif self.path != path:
             self.backend.load(path)
         self.path = path

@@ -54,3 +54,12 @@ def test_bad_values_are_named():
         settings("iterate", ["eval.mode=beam"])
     with pytest.raises((ConfigError, ValueError), match="reference"):
         settings("iterate", ["train.reference=yesterday"])
+
+
+def test_run_seed_reaches_the_engine():
+    import iterate
+
+    seeds = {iterate.engine_config(settings("iterate", [f"run.seed={k}"])).seed for k in (0, 1, 2)}
+    assert len(seeds) == 3  # engines ignore per-request seeds on the CPU: the engine seed separates runs
+    again = iterate.engine_config(settings("iterate", ["run.seed=1"])).seed
+    assert again in seeds and 0 <= again < 2**31
