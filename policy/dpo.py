@@ -100,6 +100,9 @@ class TrainConfig:
     disable_dropout: switch off dropout in the policy (TRL's default; includes LoRA dropout), so
         that the policy and the reference agree exactly before the first step.
     dtype: weights and compute dtype, "float32" (CPU) or "bfloat16" (GPUs: weights and autocast).
+    autocast: bf16 autocast over float32 weights (mixed precision: matmuls in bf16, optimizer state and
+        updates in float32). On a CPU with AVX-512 bf16, a SmolLM2-135M forward+backward on 16 x 270
+        tokens took 45 s instead of 74 s (ours, measured); small DPO updates survive, unlike bf16 weights.
     gradient_checkpointing: trade compute for activation memory (large models on GPUs).
     logging_steps: optimizer steps between logged losses (loss_history has one value per log).
     """
@@ -127,6 +130,7 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     disable_dropout: bool = True
     dtype: str = "float32"
+    autocast: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 1
 
@@ -426,7 +430,7 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
         precompute_ref_log_probs=True,  # the smoothing needs them in the batch; one reference pass, not one per epoch
         disable_dropout=cfg.disable_dropout,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        bf16=cfg.dtype == "bfloat16",
+        bf16=cfg.dtype == "bfloat16" or cfg.autocast,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=cfg.logging_steps,
         report_to=[],

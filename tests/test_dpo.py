@@ -226,3 +226,13 @@ def test_failing_child_raises_and_leaves_nothing(pairs, tiny_model_dir, tmp_path
     assert "no-such-model" in str(info.value) and "policy_path" in str(info.value)
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
+
+
+def test_autocast_trains_float32_weights(pairs, tiny_model_dir, tmp_path):
+    out = tmp_path / "policy"
+    result = train_dpo(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir), out_dir=str(out),
+                       cfg=replace(TINY, autocast=True))
+    assert result.steps == 2 and all(math.isfinite(v) for v in result.loss_history)
+    before, after = state_dict(tiny_model_dir), state_dict(out)
+    assert all(v.dtype == before[k].dtype for k, v in after.items())  # float32 weights kept
+    assert not all(bool((before[k] == after[k]).all()) for k in before)
