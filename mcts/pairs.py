@@ -58,8 +58,9 @@ class PairsConfig:
     verified: choose among children by their validated outcomes first: chosen = the highest-Q child
         whose subtree holds a terminal validated correct, rejected = the lowest-Q child whose subtree
         holds a terminal validated wrong and none validated correct; with `full`, continuations follow
-        such children too. The outcomes decide, so `margin` does not apply. A node without both kinds of children gives no pair. For small policies
-        whose self-evaluation carries no signal, this keeps the pairs the outcomes vouch for.
+        such children too. The outcomes decide, so `margin` does not apply. A node without both kinds
+        of children gives no pair. For small policies whose self-evaluation carries no signal, this
+        keeps the pairs the outcomes vouch for.
     full: chosen/rejected continue to a terminal node (best/worst continuation) instead of one step.
     dedupe: drop a pair whose (prompt, chosen, rejected) was already emitted for the same tree.
     step_suffix: appended to each step of chosen/rejected; null = the prompt's step separator
