@@ -25,6 +25,8 @@ apply (`--kind auto`) or the one asked for:
 - search:  PREFIX_search.png  pairs per tree, pair quality and search tokens per tree against
            search.simulations, one line per value of the other swept keys (e.g. search.breadth).
 - loss:    PREFIX_loss.png    the training loss at every logged step, one panel per group;
+           PREFIX_rewards.png  reward curves (margin, accuracy, chosen, rejected) per step, one line
+           per group;
            PREFIX_loss_summary.png  final reward margin, reward accuracy and held-out accuracy.
 - compare: PREFIX_compare.png held-out accuracy against total FLOPs (log x): iterate runs after
            0..k rounds evaluated greedily (x = cumulative search + train FLOPs + the evaluation's own
@@ -146,6 +148,15 @@ class TrainSummary:
     steps: int = 0
     pairs: int = 0
     loss_history: tuple[float, ...] = ()
+    margin_history: tuple[float, ...] = ()
+    accuracy_history: tuple[float, ...] = ()
+    chosen_history: tuple[float, ...] = ()
+    rejected_history: tuple[float, ...] = ()
+
+
+# The reward curves of PREFIX_rewards.png: TrainSummary field, panel title.
+REWARD_CURVES = (("margin_history", "reward margin (chosen - rejected)"), ("accuracy_history", "reward accuracy"),
+                 ("chosen_history", "chosen reward"), ("rejected_history", "rejected reward"))
 
 
 @dataclass(frozen=True)
@@ -494,7 +505,8 @@ def train_summary(data: Mapping[str, Any], path: Path) -> TrainSummary:
         return TrainSummary(skipped=False, final_loss=data.get("final_loss"), reward_margin=data.get("reward_margin"),
                             reward_accuracy=data.get("reward_accuracy"), mean_smoothing=data.get("mean_smoothing"),
                             steps=int(data.get("steps", 0)), pairs=int(data.get("pairs", 0)),
-                            loss_history=tuple(float(x) for x in data.get("loss_history", ())))
+                            **{name: tuple(float(x) for x in data.get(name, ()))
+                               for name in ("loss_history", *(n for n, _ in REWARD_CURVES))})
     except (TypeError, ValueError) as err:
         raise AnalysisError(f"{path}: malformed training result ({err})") from None
 
@@ -917,6 +929,36 @@ def plot_loss(groups: Sequence[Group], path: Path) -> Path | None:
     return _save(fig, plt, path)
 
 
+def plot_rewards(groups: Sequence[Group], path: Path) -> Path | None:
+    """(c) Reward curves: TRL's reward margin, reward accuracy and chosen/rejected rewards (beta x
+    log-ratio to the reference) at every logged step of round 0's training, one panel per curve, one
+    line per group (mean over seeds of equal length). Unlike the loss, these mean the same for every
+    loss type, so the loss variants share the axes."""
+    def series(g: Group, name: str) -> list[float]:
+        runs = [getattr(p.train, name) for r in g.runs for p in r.points
+                if p.position == 1 and p.train and getattr(p.train, name)]
+        if not runs:
+            return []
+        n = min(len(h) for h in runs)
+        return [sum(h[i] for h in runs) / len(runs) for i in range(n)]
+
+    entries = [g for g in groups if g.kind == "iterate" and series(g, "margin_history")]
+    if not entries:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(REWARD_CURVES), figsize=(3.6 * len(REWARD_CURVES), 3.4), squeeze=False,
+                             layout="constrained")
+    for ax, (name, title) in zip(axes[0], REWARD_CURVES):
+        for g in entries:
+            ys = series(g, name)
+            ax.plot(range(1, len(ys) + 1), ys, marker=".", label=g.label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("logged step (round 0)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Reward curves per group (beta x log-ratio to the reference; mean over seeds)")
+    return _save(fig, plt, path, legend=True)
+
+
 def plot_loss_summary(summary: Mapping[str, Any], path: Path) -> Path | None:
     """(c) Per group (horizontal bars, 95% bands): the last round's final reward margin and reward
     accuracy, and held-out accuracy after the last round."""
@@ -1019,6 +1061,7 @@ def draw(kinds: Sequence[str], groups: Sequence[Group], summary: Mapping[str, An
         "rounds": [lambda: plot_rounds(summary, Path(f"{prefix}_rounds.png"))],
         "search": [lambda: plot_search(groups, summary, Path(f"{prefix}_search.png"))],
         "loss": [lambda: plot_loss(groups, Path(f"{prefix}_loss.png")),
+                 lambda: plot_rewards(groups, Path(f"{prefix}_rewards.png")),
                  lambda: plot_loss_summary(summary, Path(f"{prefix}_loss_summary.png"))],
         "compare": [lambda: plot_compare(groups, summary["tasks"], Path(f"{prefix}_compare.png"))],
     }

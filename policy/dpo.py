@@ -186,6 +186,10 @@ class TrainResult:
     seconds: wall time of loading, training and saving.
     loss_history: the loss at every logged step.
     mean_smoothing: mean per-pair epsilon that reached the loss (0 when not conservative).
+    margin_history, accuracy_history, chosen_history, rejected_history: TRL's `rewards/margins`,
+        `rewards/accuracies`, `rewards/chosen` and `rewards/rejected` (beta * log-ratio against the
+        reference) at every logged step: the reward curves. Unlike the loss, they have the same
+        meaning for every loss type, so loss variants compare on them.
     """
 
     final_loss: float
@@ -197,12 +201,22 @@ class TrainResult:
     seconds: float
     loss_history: tuple[float, ...]
     mean_smoothing: float
+    margin_history: tuple[float, ...] = ()
+    accuracy_history: tuple[float, ...] = ()
+    chosen_history: tuple[float, ...] = ()
+    rejected_history: tuple[float, ...] = ()
+
+
+# TrainResult's per-step histories and the TRL log keys they are read from.
+HISTORIES = {"loss_history": "loss", "margin_history": "rewards/margins", "accuracy_history": "rewards/accuracies",
+             "chosen_history": "rewards/chosen", "rejected_history": "rewards/rejected"}
 
 
 def result_from_dict(data: dict[str, Any]) -> TrainResult:
     names = {f.name for f in fields(TrainResult)}
     kwargs = {k: v for k, v in data.items() if k in names}
-    kwargs["loss_history"] = tuple(kwargs["loss_history"])
+    for name in HISTORIES:
+        kwargs[name] = tuple(kwargs.get(name, ()))
     return TrainResult(**kwargs)
 
 
@@ -460,8 +474,9 @@ def _summarize(log_history: list[dict[str, Any]], *, epochs: int) -> dict[str, A
     def mean(key: str) -> float:
         return float(sum(e.get(key, float("nan")) for e in last) / len(last))
 
+    histories = {name: tuple(float(e.get(key, float("nan"))) for e in logged) for name, key in HISTORIES.items()}
     return dict(final_loss=mean("loss"), reward_margin=mean("rewards/margins"),
-                reward_accuracy=mean("rewards/accuracies"), loss_history=tuple(float(e["loss"]) for e in logged))
+                reward_accuracy=mean("rewards/accuracies"), **histories)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -171,6 +171,12 @@ def test_train_dpo_on_the_tiny_model(trained, pairs, tokenizer, tiny_model_dir):
     out, result = trained
     assert result.steps == 2 and result.pairs == 8
     assert len(result.loss_history) == 2 and all(math.isfinite(v) for v in result.loss_history)
+    # reward curves: one value per logged step; the margin is chosen minus rejected, accuracy a share
+    for history in (result.margin_history, result.accuracy_history, result.chosen_history, result.rejected_history):
+        assert len(history) == 2 and all(math.isfinite(v) for v in history)
+    for m, c, r in zip(result.margin_history, result.chosen_history, result.rejected_history):
+        assert m == pytest.approx(c - r, abs=1e-5)
+    assert all(0.0 <= a <= 1.0 for a in result.accuracy_history)
     assert math.isfinite(result.final_loss) and math.isfinite(result.reward_margin)
     enc = encode_pairs(pairs, tokenizer, cfg=TINY)
     assert result.tokens == enc.tokens_per_epoch  # prompt counted with each completion, 1 epoch

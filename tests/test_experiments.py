@@ -227,6 +227,8 @@ def fake_run(path: Path, *, seed: int, rounds: int = 2, written: int | None = No
         write_json(rd / "search.json", {"trees": 1, "solved": 1, "nodes": 9, "compute": {"generated_tokens": 300}})
         write_json(rd / "train.json", {"final_loss": 0.6 - 0.1 * k - 0.01 * seed, "reward_margin": 0.1, "reward_accuracy": 0.5,
                                        "steps": 2, "pairs": 2, "tokens": 40, "loss_history": [0.69, 0.6],
+                                       "margin_history": [0.0, 0.1 + 0.05 * seed], "accuracy_history": [0.5, 0.75],
+                                       "chosen_history": [0.0, 0.05], "rejected_history": [0.0, -0.05 - 0.05 * seed],
                                        "mean_smoothing": 0.0})
         (rd / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         (rd / "trees.jsonl").write_text(dumps_tree(tree) + "\n")
@@ -279,7 +281,7 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
     assert trained["train_flops"]["mean"] == 300.0 and trained["inference_flops"]["mean"] == 40.0
     assert groups["model.path=base"]["evaluation"]["train_flops"]["mean"] == 0.0
     assert summary["checks"]["pairs_per_round"]["round 0"] == {"runs": 3, "distinct_pair_sets": 1}
-    for suffix in ("_rounds.png", "_loss.png", "_loss_summary.png", "_compare.png", ".md", ".json"):
+    for suffix in ("_rounds.png", "_loss.png", "_rewards.png", "_loss_summary.png", "_compare.png", ".md", ".json"):
         assert Path(f"{out}{suffix}").is_file(), suffix
     md = Path(f"{out}.md").read_text()
     assert "train.loss_type=ipo" in md and "3 runs trained on the same pairs" in md
@@ -348,6 +350,7 @@ def test_analysis_of_a_loss_variant_and_the_seeds_reaching_the_search(smoke_runs
     labels = sorted(g["label"] for g in summary["groups"])
     assert labels == ["train.loss_type=ipo", "train.loss_type=sigmoid"]
     assert Path(f"{out}_loss.png").is_file() and Path(f"{out}_loss_summary.png").is_file()
+    assert Path(f"{out}_rewards.png").is_file()  # train.json carries the reward curves
     digests = {name: an.load_iterate_run(smoke_runs / name).points[1].pairs_digest for name in "abc"}
     # The same run.seed and backend.seed give the same search (hf backend on the CPU): a loss sweep trains
     # on the same round-0 pairs; another backend.seed gives other trees.
