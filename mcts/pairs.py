@@ -11,7 +11,8 @@ A pair is one dict in TRL's column names (`prompt`, `chosen`, `rejected`) plus m
 node id, depth (steps in the shared prefix), Q and visits of each side, the gap, whether each side
 ends the solution, and the round. `pairs.jsonl` holds one per line.
 
-Options: at most `max_pairs_per_tree` pairs per tree (largest gaps first); only trees that reached a
+Options: every qualifying rejected sibling paired with the chosen child (`all_rejected`), not only
+the lowest; at most `max_pairs_per_tree` pairs per tree (largest gaps first); only trees that reached a
 correct answer (`correct_only`); only "verified" pairs, whose chosen step leads (somewhere in the
 tree) to an answer validated correct and whose rejected step leads only to answers validated wrong;
 "full" pairs whose chosen and rejected continue to a terminal node
@@ -62,6 +63,10 @@ class PairsConfig:
         of children gives no pair. For small policies whose self-evaluation carries no signal, this
         keeps the pairs the outcomes vouch for.
     full: chosen/rejected continue to a terminal node (best/worst continuation) instead of one step.
+    all_rejected: pair the chosen child with every sibling that qualifies as rejected (Q gap at least
+        `margin`; with `verified`, every child that leads only to wrong answers), lowest Q first,
+        instead of with the lowest-Q one only. A branching point with one child reaching a correct
+        answer and three reaching only wrong ones gives three pairs, not one.
     dedupe: drop a pair whose (prompt, chosen, rejected) was already emitted for the same tree.
     step_suffix: appended to each step of chosen/rejected; null = the prompt's step separator
         (given by the caller); a step that ends the solution gets no suffix.
@@ -75,6 +80,7 @@ class PairsConfig:
     correct_only: bool = False
     verified: bool = False
     full: bool = False
+    all_rejected: bool = False
     dedupe: bool = True
     step_suffix: str | None = None
 
@@ -148,18 +154,25 @@ def render_steps(nodes: Sequence[Node], suffix: str) -> str:
     return "".join(n.text + ("" if n.terminal else suffix) for n in nodes)
 
 
-def node_pairs(tree: Tree, node: Node, *, config: PairsConfig, reach: Reach | None = None) -> tuple[Node, Node] | None:
-    """(chosen, rejected) children of `node` when they qualify, else None (`reach`: verified pairs)."""
+def node_pairs(tree: Tree, node: Node, *, config: PairsConfig, reach: Reach | None = None) -> list[tuple[Node, Node]]:
+    """(chosen, rejected) children of `node` that qualify (`reach`: verified pairs): the chosen child
+    with the lowest-Q rejected one, or with every qualifying rejected sibling (`all_rejected`), lowest
+    Q first; empty when none qualifies."""
     kids = [tree.nodes[c] for c in node.children if tree.nodes[c].visits >= max(config.min_visits, 1)]
     if len(kids) < 2:
-        return None
+        return []
     chosen = _extreme_child(tree, node, best=True, min_visits=config.min_visits, reach=reach)
-    rejected = _extreme_child(tree, node, best=False, min_visits=config.min_visits, reach=reach)
-    if chosen is None or rejected is None or chosen.id == rejected.id:
-        return None
-    if reach is None and (chosen.q - rejected.q < config.margin or math.isclose(chosen.q, rejected.q)):
-        return None  # verified pairs rest on validated outcomes, not on a Q gap
-    return chosen, rejected
+    if chosen is None:
+        return []
+    if config.all_rejected:
+        rejected = sorted((k for k in _eligible(kids, best=False, reach=reach) if k.id != chosen.id),
+                          key=lambda n: (n.q, -n.visits, n.id))
+    else:
+        lowest = _extreme_child(tree, node, best=False, min_visits=config.min_visits, reach=reach)
+        rejected = [lowest] if lowest is not None and lowest.id != chosen.id else []
+    if reach is None:  # verified pairs rest on validated outcomes, not on a Q gap
+        rejected = [r for r in rejected if chosen.q - r.q >= config.margin and not math.isclose(chosen.q, r.q)]
+    return [(chosen, r) for r in rejected]
 
 
 def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPrompt, round_index: int = 0,
@@ -178,39 +191,45 @@ def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPromp
     for node in tree.nodes:
         if not node.children:
             continue
-        found = node_pairs(tree, node, config=config, reach=reach)
-        if found is None:
-            continue
-        chosen, rejected = found
-        if config.full:
-            good = continuation(tree, chosen, best=True, min_visits=config.min_visits, reach=reach)
-            bad = continuation(tree, rejected, best=False, min_visits=config.min_visits, reach=reach)
-            if good is None or bad is None:
-                continue
-        else:
-            good, bad = [chosen], [rejected]
-        chosen_text, rejected_text = render_steps(good, suffix), render_steps(bad, suffix)
-        if chosen_text.strip() == rejected_text.strip():
-            continue
-        prompt = format_prompt(tree.problem, tuple(tree.steps(node.id)))
-        key = (prompt, chosen_text, rejected_text)
-        if config.dedupe and key in seen:
-            continue
-        seen.add(key)
-        pairs.append({
-            "prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
-            "problem_id": tree.problem.id, "node_id": node.id, "chosen_id": chosen.id, "rejected_id": rejected.id,
-            "depth": node.depth,
-            "chosen_q": chosen.q, "rejected_q": rejected.q,
-            "chosen_visits": chosen.visits, "rejected_visits": rejected.visits,
-            "gap": chosen.q - rejected.q,
-            "chosen_terminal": good[-1].terminal, "rejected_terminal": bad[-1].terminal,
-            "round": round_index, "source": "mcts",
-        })
+        for chosen, rejected in node_pairs(tree, node, config=config, reach=reach):
+            _add_pair(pairs, seen, tree, node, chosen, rejected, config=config, reach=reach, suffix=suffix,
+                      format_prompt=format_prompt, round_index=round_index)
     pairs.sort(key=lambda p: (-p["gap"], p["depth"], p["node_id"]))
     if config.max_pairs_per_tree:
         pairs = pairs[:config.max_pairs_per_tree]
     return pairs
+
+
+def _add_pair(pairs: list[dict[str, Any]], seen: set[tuple[str, str, str]], tree: Tree, node: Node, chosen: Node,
+              rejected: Node, *, config: PairsConfig, reach: Reach | None, suffix: str, format_prompt: FormatPrompt,
+              round_index: int) -> None:
+    """Append the pair (chosen, rejected) at `node` to `pairs` unless it is incomplete (with `full`),
+    has equal texts, or repeats one in `seen` (with `dedupe`)."""
+    if config.full:
+        good = continuation(tree, chosen, best=True, min_visits=config.min_visits, reach=reach)
+        bad = continuation(tree, rejected, best=False, min_visits=config.min_visits, reach=reach)
+        if good is None or bad is None:
+            return
+    else:
+        good, bad = [chosen], [rejected]
+    chosen_text, rejected_text = render_steps(good, suffix), render_steps(bad, suffix)
+    if chosen_text.strip() == rejected_text.strip():
+        return
+    prompt = format_prompt(tree.problem, tuple(tree.steps(node.id)))
+    key = (prompt, chosen_text, rejected_text)
+    if config.dedupe and key in seen:
+        return
+    seen.add(key)
+    pairs.append({
+        "prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
+        "problem_id": tree.problem.id, "node_id": node.id, "chosen_id": chosen.id, "rejected_id": rejected.id,
+        "depth": node.depth,
+        "chosen_q": chosen.q, "rejected_q": rejected.q,
+        "chosen_visits": chosen.visits, "rejected_visits": rejected.visits,
+        "gap": chosen.q - rejected.q,
+        "chosen_terminal": good[-1].terminal, "rejected_terminal": bad[-1].terminal,
+        "round": round_index, "source": "mcts",
+    })
 
 
 def pair_stats(pairs: Sequence[dict[str, Any]]) -> dict[str, float | int]:

@@ -206,3 +206,34 @@ def test_verified_pairs_follow_validated_outcomes():
     root = next(p for p in full if p["node_id"] == 0)
     assert root["chosen"] == "5 + 3 = 8.\nSo she has 8.\nThe answer is 8."  # along the correct branch, not a1
     assert root["rejected"] == "5 - 3 = 2.\nThe answer is 2."
+
+
+def test_all_rejected_pairs_the_chosen_with_every_qualifying_sibling():
+    # Q-ranked: root a (.6) vs b (-.5) and vs c (.1); the margin still applies to each sibling.
+    one = extract_pairs(build(), config=PairsConfig(margin=0.2), format_prompt=fmt)
+    every = extract_pairs(build(), config=PairsConfig(margin=0.2, all_rejected=True), format_prompt=fmt)
+    assert sorted((p["node_id"], p["chosen_id"], p["rejected_id"]) for p in one) == [(0, 1, 2), (1, 4, 5)]
+    assert sorted((p["node_id"], p["chosen_id"], p["rejected_id"]) for p in every) == [(0, 1, 2), (0, 1, 3), (1, 4, 5)]
+    strict = extract_pairs(build(), config=PairsConfig(margin=0.6, all_rejected=True), format_prompt=fmt)
+    assert sorted((p["node_id"], p["rejected_id"]) for p in strict) == [(0, 2), (1, 5)]
+
+    # Verified: a second wrong-only root child d adds a root pair; the unexplored c never qualifies.
+    tree = verified_tree()
+    d = tree.add_child(0, text="5 * 3 = 15.")
+    set_stats(d, 1, 0.3)
+    d1 = tree.add_child(d.id, text="The answer is 15.", terminal=True, answer="15", outcome=-1.0)
+    set_stats(d1, 1, -1.0)
+    cfg = PairsConfig(margin=0.0, verified=True, full=True, all_rejected=True)
+    pairs = extract_pairs(tree, config=cfg, format_prompt=fmt)
+    root = [p for p in pairs if p["node_id"] == 0]
+    assert [p["rejected_id"] for p in sorted(root, key=lambda p: p["rejected_q"])] == [b_id(tree), d.id]
+    assert {p["rejected"] for p in root} == {"5 - 3 = 2.\nThe answer is 2.", "5 * 3 = 15.\nThe answer is 15."}
+    assert all(p["chosen"] == "5 + 3 = 8.\nSo she has 8.\nThe answer is 8." for p in root)
+    capped = extract_pairs(tree, config=PairsConfig(margin=0.0, verified=True, full=True, all_rejected=True,
+                                                    max_pairs_per_tree=1), format_prompt=fmt)
+    assert len(capped) == 1
+    assert len(extract_pairs(tree, config=PairsConfig(margin=0.0, verified=True, full=True), format_prompt=fmt)) == 2
+
+
+def b_id(tree: Tree) -> int:
+    return next(n.id for n in tree.nodes if n.text == "5 - 3 = 2.")
