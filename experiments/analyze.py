@@ -22,8 +22,9 @@ apply (`--kind auto`) or the one asked for:
 - rounds:  PREFIX_rounds.png  held-out accuracy after each round against cumulative FLOPs
            (compute.json total_flops: search + train + eval of each round; the initial point at 0),
            one panel per evaluation task, one line per group.
-- search:  PREFIX_search.png  pairs per tree, pair quality and search tokens per tree against
-           search.simulations, one line per value of the other swept keys (e.g. search.breadth).
+- search:  PREFIX_search.png  pairs per tree, pair quality, search tokens per tree and the Q-ranked
+           pairs' yield and quality against search.simulations, one line per value of the other
+           swept keys (e.g. search.breadth).
 - loss:    PREFIX_loss.png    the training loss at every logged step, one panel per group;
            PREFIX_rewards.png  reward curves (margin, accuracy, chosen, rejected) per step, one line
            per group;
@@ -34,7 +35,10 @@ apply (`--kind auto`) or the one asked for:
            model's training FLOPs, when its run directory is known, + inference FLOPs).
 
 Pair quality (`pair_quality`): a chosen step is good when it lies on a path to a correct answer (it
-or a descendant is a terminal with outcome +1), a rejected step is good when it does not.
+or a descendant is a terminal with outcome +1), a rejected step is good when it does not. With
+verified pairs (the default) it is 100% by construction, so for MCTS runs the analysis also extracts
+the pairs MCTS-DPO's Q-ranked rule would take from the same trees (`q_ranked_pairs`) and reports their
+yield and quality: a measure of the search's values (self-evaluation + outcomes).
 
 Malformed inputs raise AnalysisError naming the file; a run with missing rounds is skipped with a
 warning.
@@ -60,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from mcts.pairs import outcome_reach, read_pairs  # noqa: E402
+from mcts.pairs import PairsConfig, extract_pairs, outcome_reach, read_pairs  # noqa: E402
 from mcts.tree import Node, Tree, read_trees  # noqa: E402
 
 log = logging.getLogger("analyze")
@@ -174,6 +178,7 @@ class Point:
     pairs: int | None = None
     pairs_digest: str | None = None
     quality: PairQuality | None = None
+    q_ranked: PairQuality | None = None
     train: TrainSummary | None = None
 
     @property
@@ -518,7 +523,16 @@ def phase_flops(compute: Mapping[str, Any], phase: str, path: Path) -> float:
         raise AnalysisError(f"{path}: {phase}.flops is not a number") from None
 
 
-def read_round(run_dir: Path, k: int, *, quality: bool = True) -> Point:
+def q_ranked_pairs(trees: Iterable[Tree], config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The pairs MCTS-DPO's own extraction would take from these trees (highest- against lowest-Q
+    child, one step each, `pairs.margin` and `pairs.min_visits` of the run): their quality says how
+    far the search's values (self-evaluation + outcomes) can be trusted, which the run's own verified
+    pairs cannot (their quality is 100% by construction)."""
+    cfg = PairsConfig(margin=float(config.get("pairs.margin", 0.2)), min_visits=int(config.get("pairs.min_visits", 1)))
+    return [p for t in trees for p in extract_pairs(t, config=cfg, format_prompt=lambda problem, steps: "")]
+
+
+def read_round(run_dir: Path, k: int, *, quality: bool = True, config: Mapping[str, Any] | None = None) -> Point:
     rd = run_dir / f"round_{k}"
     compute = read_json_file(rd / "compute.json")
     if not isinstance(compute, dict) or "total_flops" not in compute:
@@ -527,15 +541,18 @@ def read_round(run_dir: Path, k: int, *, quality: bool = True) -> Point:
     search = read_json_file(rd / "search.json") if (rd / "search.json").is_file() else {}
     train = train_summary(read_json_file(rd / "train.json"), rd / "train.json") if (rd / "train.json").is_file() else None
     pairs = read_lines_file(rd / "pairs.jsonl", read_pairs) if (rd / "pairs.jsonl").is_file() else None
-    q = None
+    q = q_ranked = None
     if quality and pairs is not None and (rd / "trees.jsonl").is_file():
-        q = pair_quality(read_lines_file(rd / "trees.jsonl", read_trees), pairs)
+        trees = read_lines_file(rd / "trees.jsonl", read_trees)
+        q = pair_quality(trees, pairs)
+        if (config or {}).get("pairs.source", "mcts") == "mcts":
+            q_ranked = pair_quality(trees, q_ranked_pairs(trees, config or {}))
     return Point(position=k + 1, evals=evals, search_flops=phase_flops(compute, "search", rd / "compute.json"),
                  train_flops=phase_flops(compute, "train", rd / "compute.json"),
                  total_flops=float(compute["total_flops"]), trees=int(search.get("trees", 0)),
                  search_generated_tokens=int((search.get("compute") or {}).get("generated_tokens", 0)),
                  pairs=None if pairs is None else len(pairs), pairs_digest=None if pairs is None else pairs_digest(pairs),
-                 quality=q, train=train)
+                 quality=q, q_ranked=q_ranked, train=train)
 
 
 def missing_round_files(run_dir: Path, rounds: int, needs_eval: bool) -> list[Path]:
@@ -560,7 +577,7 @@ def load_iterate_run(run_dir: Path, *, quality: bool = True) -> Run | None:
     points = []
     if (run_dir / INITIAL / "eval.json").is_file():
         points.append(Point(position=0, evals=read_evals(run_dir / INITIAL / "eval.json")))
-    points.extend(read_round(run_dir, k, quality=quality) for k in range(rounds))
+    points.extend(read_round(run_dir, k, quality=quality, config=config) for k in range(rounds))
     return Run(path=run_dir, kind="iterate", config=config, points=tuple(points))
 
 
@@ -654,9 +671,9 @@ def eval_tasks(groups: Sequence[Group]) -> list[str]:
     return sorted(names)
 
 
-def _share_band(points: Sequence[Point], attr: str) -> Band | None:
-    return mean_band([getattr(p.quality, attr) for p in points if p.quality is not None
-                      and getattr(p.quality, attr) is not None])
+def _share_band(points: Sequence[Point], attr: str, which: str = "quality") -> Band | None:
+    found = [getattr(p, which) for p in points]
+    return mean_band([getattr(q, attr) for q in found if q is not None and getattr(q, attr) is not None])
 
 
 def _train_band(points: Sequence[Point], attr: str) -> Band | None:
@@ -683,6 +700,10 @@ def summarize_position(group: Group, position: int, tasks: Sequence[str]) -> dic
         "chosen_on_correct_path": band_dict(_share_band(rounds, "chosen_share")),
         "rejected_off_correct_path": band_dict(_share_band(rounds, "rejected_share")),
         "both_good": band_dict(_share_band(rounds, "both_share")),
+        "q_ranked_pairs_per_tree": band_dict(mean_band([p.q_ranked.pairs / p.trees for p in rounds
+                                                         if p.q_ranked is not None and p.trees])),
+        "q_ranked_chosen_good": band_dict(_share_band(rounds, "chosen_share", "q_ranked")),
+        "q_ranked_rejected_good": band_dict(_share_band(rounds, "rejected_share", "q_ranked")),
         "unmatched_pairs": sum(p.quality.unmatched for p in rounds if p.quality is not None),
         "train_final_loss": band_dict(_train_band(rounds, "final_loss")),
         "train_reward_margin": band_dict(_train_band(rounds, "reward_margin")),
@@ -778,6 +799,14 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
                              _cell(p["search_tokens_per_problem"], 1.0, ".0f"), _cell(p["train_final_loss"], 1.0, ".3f"),
                              _cell(p["train_reward_margin"], 1.0, ".3f")])
         parts += ["## Rounds", "", _table(head, rows), ""]
+        q_rows = [[g["label"], ",".join(map(str, g["seeds"])), p["label"], _cell(p["q_ranked_pairs_per_tree"], 1.0, ".2f"),
+                   _cell(p["q_ranked_chosen_good"], 100.0), _cell(p["q_ranked_rejected_good"], 100.0)]
+                  for g in iterate for p in g["points"] if p.get("q_ranked_pairs_per_tree")]
+        if q_rows:
+            parts += ["## Q-ranked pairs from the same trees", "",
+                      "The pairs MCTS-DPO's extraction (highest- against lowest-Q child, one step, the run's margin) "
+                      "would take from the same trees, and their quality: how far the search's values can be trusted.",
+                      "", _table(["group", "seeds", "point", "pairs/tree", "chosen good", "rejected good"], q_rows), ""]
     evaluate = [g for g in summary["groups"] if g["kind"] == "evaluate"]
     if evaluate:
         head = ["group", "seeds", "task", "mode", "k", "simulations", "accuracy", "train FLOPs", "inference FLOPs"]
@@ -869,9 +898,13 @@ def plot_rounds(summary: Mapping[str, Any], path: Path) -> Path | None:
     return _save(fig, plt, path, legend=True)
 
 
-SEARCH_METRICS = (("pairs_per_tree", "pairs per tree", 1.0), ("chosen_on_correct_path", "chosen on a correct path (%)", 100.0),
+SEARCH_METRICS = (("pairs_per_tree", "pairs per tree (the run's)", 1.0),
+                  ("chosen_on_correct_path", "chosen on a correct path (%)", 100.0),
                   ("rejected_off_correct_path", "rejected on none (%)", 100.0),
-                  ("search_tokens_per_problem", "search tokens per problem", 1.0))
+                  ("search_tokens_per_problem", "search tokens per problem", 1.0),
+                  ("q_ranked_pairs_per_tree", "Q-ranked pairs per tree", 1.0),
+                  ("q_ranked_chosen_good", "Q-ranked: chosen on a correct path (%)", 100.0),
+                  ("q_ranked_rejected_good", "Q-ranked: rejected on none (%)", 100.0))
 
 
 def plot_search(groups: Sequence[Group], summary: Mapping[str, Any], path: Path) -> Path | None:

@@ -162,6 +162,18 @@ def test_pair_quality_of_sampling_pairs_is_perfect_by_construction():
     assert len(pairs) == 2 and an.pair_quality([t], pairs) == an.PairQuality(2, 0, 2, 2, 2)
 
 
+def test_q_ranked_pairs_measure_the_search_values():
+    tree = quality_tree()  # values agree with the outcomes: A (q 1/3) over B (q -1), A1 over A2
+    pairs = an.q_ranked_pairs([tree], {"pairs.margin": 0.2})
+    assert sorted((p["node_id"], p["chosen_id"], p["rejected_id"]) for p in pairs) == [(0, 1, 2), (1, 3, 4)]
+    assert an.pair_quality([tree], pairs) == an.PairQuality(2, 0, 2, 2, 2)
+    # A noisy value: C (only a wrong answer below) valued highest -> the root pair's chosen step is bad.
+    tree.nodes[5].value_sum = 1.8
+    pairs = an.q_ranked_pairs([tree], {"pairs.margin": 0.2})
+    assert an.pair_quality([tree], pairs) == an.PairQuality(2, 0, 1, 2, 1)
+    assert an.q_ranked_pairs([tree], {"pairs.margin": 3.0}) == []  # the run's margin applies
+
+
 def test_bands():
     b = an.mean_band([0.2, 0.4])  # sd = 0.1414, half = t(1) * sd / sqrt(2) = 12.706 * 0.1
     assert math.isclose(b.mean, 0.3) and math.isclose(b.high - b.mean, 1.2706, rel_tol=1e-4) and b.method == "t"
@@ -276,6 +288,8 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
     assert math.isclose(r0["mean"], 0.5) and r0["method"] == "t" and r0["low"] < 0.5 < r0["high"]
     assert dpo["points"][2]["cumulative_flops"]["mean"] == 320.0
     assert dpo["points"][1]["chosen_on_correct_path"]["mean"] == 1.0
+    assert dpo["points"][1]["q_ranked_pairs_per_tree"]["mean"] == 2.0  # quality_tree's two Q-ranked pairs
+    assert dpo["points"][1]["q_ranked_chosen_good"]["mean"] == 1.0
     assert groups["train.loss_type=ipo"]["points"][1]["accuracy"]["arith_test"]["method"] == "wilson"
     trained = groups["model.path=dpo-s0/round_1"]["evaluation"]
     assert trained["train_flops"]["mean"] == 300.0 and trained["inference_flops"]["mean"] == 40.0
@@ -285,6 +299,7 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
         assert Path(f"{out}{suffix}").is_file(), suffix
     md = Path(f"{out}.md").read_text()
     assert "train.loss_type=ipo" in md and "3 runs trained on the same pairs" in md
+    assert "## Q-ranked pairs from the same trees" in md
     assert json.loads(Path(f"{out}.json").read_text())["groups"][0]["label"]
 
 
