@@ -846,9 +846,15 @@ def _pyplot():
     return plt
 
 
-def _panels(plt, count: int, width: float = 5.0, height: float = 3.8):
-    fig, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False, layout="constrained")
-    return fig, list(axes[0])
+def _panels(plt, count: int, width: float = 5.0, height: float = 3.8, columns: int = 4):
+    """`count` panels in rows of at most `columns`; unused cells hidden."""
+    cols = min(count, columns)
+    rows = math.ceil(count / cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
 
 
 def _save(fig, plt, path: Path, *, legend: bool = False) -> Path:
