@@ -26,8 +26,8 @@ from harness.config import ConfigError, as_dict
 from harness.errors import exit_on_user_error
 from harness.evaluation import evaluate_problems, slice_problems, summary_line
 from harness.report import write_report
-from harness.rundir import (RoundDir, read_json, round_dir, truncate_partial_line, write_json_atomic,
-                            write_jsonl_atomic)
+from harness.rundir import (RoundDir, copy_round0_search, read_json, round_dir, truncate_partial_line,
+                            write_json_atomic, write_jsonl_atomic)
 from harness.settings import Settings, load_settings
 from harness.tracking import Tracker
 from mcts.pairs import extract_pairs, pair_stats, read_pairs
@@ -164,11 +164,23 @@ def eval_metrics(results: dict) -> dict:
     return {f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()}
 
 
+SEARCH_FROM_MATCH = ("model", "task", "search", "generation", "prompt", "pairs", "eval", "eval_tasks")
+"""Config groups that must be equal in a `run.search_from` source (what makes its round-0 search and pairs)."""
+
+
 def run(cfg: DictConfig) -> dict:
     s = load_settings(cfg)
     run_dir = Path(s.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if s.run.search_from:
+        same = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in SEARCH_FROM_MATCH}
+        same["run.problems_per_round"] = s.run.problems_per_round
+        try:
+            copied = copy_round0_search(Path(s.run.search_from), run_dir, must_match=same)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        log.info("run.search_from=%s: copied %s", s.run.search_from, ", ".join(copied) or "nothing (already here)")
     tracker = Tracker(run_dir, s.tracking, run_name=s.run.name, config=as_dict(s))
     engine = Engine(s)
     try:

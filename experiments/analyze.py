@@ -72,7 +72,7 @@ log = logging.getLogger("analyze")
 SEED_KEYS = ("run.seed", "backend.seed")
 """Config keys that make runs repeats of each other (the backends ignore per-request seeds, so a
 seed sweep sets backend.seed along with run.seed)."""
-IGNORED_KEYS = ("run.name", "run.dir", "out_dir")
+IGNORED_KEYS = ("run.name", "run.dir", "out_dir", "run.search_from")  # search_from: where round 0 came from, not a setting
 IGNORED_PREFIXES = ("hydra.", "tracking.")
 KINDS = ("auto", "rounds", "search", "loss", "compare")
 SEARCH_KEYS = ("search.simulations", "search.breadth", "search.breadth_root")

@@ -109,3 +109,49 @@ class RoundDir:
 
 def round_dir(run_dir: Path, k: int) -> RoundDir:
     return RoundDir(Path(run_dir) / f"round_{k}")
+
+
+ROUND0_SEARCH_FILES = ("trees.jsonl", "search.json", "pairs.jsonl")
+"""What `copy_round0_search` copies from round_0: the finished search and its pairs."""
+
+
+def copy_round0_search(source: Path, run_dir: Path, *, must_match: dict[str, Any]) -> list[str]:
+    """Copy a finished run's initial evaluation and round-0 search (trees, search.json, pairs) into
+    `run_dir` where they are missing, so that this run resumes from them and only trains and
+    evaluates: runs given the same source train on the same pairs by construction.
+
+    `must_match`: resolved config values (dotted keys) the source's config.yaml must hold too (the
+    task, the problems per round, the pair extraction); a difference, a missing source or an
+    unfinished round-0 search raise ValueError naming it. Returns the paths copied (relative)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    source = Path(source)
+    if source.resolve() == Path(run_dir).resolve():
+        return []  # the source run itself (the first job of a sweep whose other jobs copy from it)
+    config_path = source / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"run.search_from={source}: no config.yaml there (not a run directory)")
+    missing = [f"round_0/{n}" for n in ROUND0_SEARCH_FILES if not (source / "round_0" / n).is_file()]
+    if missing:
+        raise ValueError(f"run.search_from={source}: its round-0 search is not finished ({', '.join(missing)} missing)")
+    config = OmegaConf.load(config_path)
+
+    def lookup(key: str) -> Any:
+        value = OmegaConf.select(config, key, default=None)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    differ = [f"{k}: {lookup(k)!r} there, {v!r} here" for k, v in must_match.items() if lookup(k) != v]
+    if differ:
+        raise ValueError(f"run.search_from={source}: its config differs: " + "; ".join(differ))
+    copied = []
+    for rel in ["initial/eval.json", *(f"round_0/{n}" for n in ROUND0_SEARCH_FILES)]:
+        src, dst = source / rel, Path(run_dir) / rel
+        if src.is_file() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.copy")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+            copied.append(rel)
+    return copied

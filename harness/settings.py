@@ -32,6 +32,10 @@ class RunConfig:
     problems_per_round: fresh training problems searched per round (on-policy).
     seed: the root of every seed (search, training, slicing).
     evaluate_initial: evaluate the starting policy once before round 0 (the baseline).
+    search_from: a finished run directory whose initial evaluation and round-0 search and pairs this
+        run copies before it starts (harness.rundir.copy_round0_search): runs given the same source
+        train on the same pairs (loss_variants). Its model, task, search, pairs and problems per
+        round must equal this run's.
     """
 
     name: str = "default"
@@ -40,6 +44,7 @@ class RunConfig:
     problems_per_round: int = 32
     seed: int = 0
     evaluate_initial: bool = True
+    search_from: str | None = None
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,12 @@ def test_config_key_typo_is_one_line(tmp_path):
     assert "simulatons" in line
 
 
+def test_search_from_a_missing_run_is_one_line(tmp_path):
+    line = one_error_line(run_py("iterate.py", "experiment=smoke", f"run.dir={tmp_path / 'run'}",
+                                 f"run.search_from={tmp_path / 'elsewhere'}"))
+    assert "run.search_from" in line and "elsewhere" in line and "no config.yaml" in line
+
+
 def test_vllm_missing_is_one_line(tiny_model_dir, tmp_path):
     fake = tmp_path / "site"
     fake.mkdir()

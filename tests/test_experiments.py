@@ -94,6 +94,8 @@ def test_sweep_sizes_and_settings():
     assert len({s.run.seed for s in losses}) == 1 and len({s.backend.seed for s in losses}) == 1  # same search
     cdpo = composed(["experiment=loss_variants", "train.loss_type=[sigmoid]", "train.conservative=true"])
     assert cdpo.run.name not in {s.run.name for s in losses}
+    # every run copies round 0 from the sweep's first job (plain DPO), which searches itself
+    assert {s.run.search_from for s in [*losses, cdpo]} == {losses[0].run.dir}
     assert composed(["experiment=train_vs_infer"]).run.rounds == 3
 
 
@@ -337,7 +339,10 @@ def test_cli_reports_errors_in_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_runs(tiny_model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("smoke_runs")
-    variants = {"a": ["run.seed=0"], "b": ["run.seed=1", "backend.seed=1"], "c": ["run.seed=0", "train.loss_type=[ipo]"]}
+    # c reuses a's round-0 search (run.search_from) although its own engine seed (that of b) would search
+    # differently: it must train on a's pairs.
+    variants = {"a": ["run.seed=0"], "b": ["run.seed=1", "backend.seed=1"],
+                "c": ["run.seed=0", "backend.seed=1", "train.loss_type=[ipo]", f"run.search_from={base / 'a'}"]}
     for name, overrides in variants.items():
         proc = subprocess.run([sys.executable, "iterate.py", "experiment=smoke", f"run.dir={base / name}", *overrides],
                               cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -367,6 +372,8 @@ def test_analysis_of_a_loss_variant_and_the_seeds_reaching_the_search(smoke_runs
     assert Path(f"{out}_loss.png").is_file() and Path(f"{out}_loss_summary.png").is_file()
     assert Path(f"{out}_rewards.png").is_file()  # train.json carries the reward curves
     digests = {name: an.load_iterate_run(smoke_runs / name).points[1].pairs_digest for name in "abc"}
-    # The same run.seed and backend.seed give the same search (hf backend on the CPU): a loss sweep trains
-    # on the same round-0 pairs; another backend.seed gives other trees.
+    # Another backend.seed gives other trees (b); c copied a's round-0 search and pairs (run.search_from)
+    # instead of searching with b's seed.
     assert digests["a"] == digests["c"] and digests["a"] != digests["b"]
+    assert (smoke_runs / "c" / "round_0" / "trees.jsonl").read_bytes() == (smoke_runs / "a" / "round_0" / "trees.jsonl").read_bytes()
+    assert an.load_iterate_run(smoke_runs / "c").points[0].evals == an.load_iterate_run(smoke_runs / "a").points[0].evals

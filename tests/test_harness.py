@@ -104,3 +104,31 @@ def test_report_lists_flipped_problems(tmp_path):
     assert "[p0] q0" in text and "before: step / The answer is 2." in text and "after:  step / The answer is 1." in text
     report = write_report(tmp_path, history)
     assert "Per problem" in report and (tmp_path / "accuracy.png").is_file()
+
+
+def test_copy_round0_search(tmp_path):
+    from harness.rundir import copy_round0_search
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with pytest.raises(ValueError, match="no config.yaml"):
+        copy_round0_search(src, dst, must_match={})
+    src.mkdir()
+    (src / "config.yaml").write_text("task:\n  name: arith\n  n: 10\nrun:\n  problems_per_round: 4\n")
+    (src / "round_0").mkdir()
+    (src / "round_0" / "trees.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"not finished \(round_0/search.json, round_0/pairs.jsonl missing\)"):
+        copy_round0_search(src, dst, must_match={})
+    (src / "round_0" / "search.json").write_text("{}")
+    (src / "round_0" / "pairs.jsonl").write_text("")
+    (src / "initial").mkdir()
+    (src / "initial" / "eval.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=r"run.problems_per_round: 4 there, 8 here"):
+        copy_round0_search(src, dst, must_match={"task": {"name": "arith", "n": 10}, "run.problems_per_round": 8})
+    (dst / "round_0").mkdir(parents=True)
+    (dst / "round_0" / "pairs.jsonl").write_text("mine\n")  # present: left alone
+    copied = copy_round0_search(src, dst, must_match={"task": {"name": "arith", "n": 10}, "run.problems_per_round": 4})
+    assert copied == ["initial/eval.json", "round_0/trees.jsonl", "round_0/search.json"]
+    assert (dst / "round_0" / "pairs.jsonl").read_text() == "mine\n"
+    assert (dst / "initial" / "eval.json").read_text() == '{"a": 1}'
+    assert copy_round0_search(src, dst, must_match={}) == []  # everything there: nothing copied
+    assert copy_round0_search(tmp_path / "new", tmp_path / "new", must_match={}) == []  # itself: it searches
