@@ -23,8 +23,9 @@ apply (`--kind auto`) or the one asked for:
            (compute.json total_flops: search + train + eval of each round; the initial point at 0),
            one panel per evaluation task, one line per group.
 - search:  PREFIX_search.png  pairs per tree, pair quality, search tokens per tree and the Q-ranked
-           pairs' yield and quality against search.simulations, one line per value of the other
-           swept keys (e.g. search.breadth).
+           pairs' yield and quality (where a correct child exists: chosen right against chance)
+           against search.simulations, one line per value of the other swept keys (e.g.
+           search.breadth); panels whose values are all equal are left out.
 - loss:    PREFIX_loss.png    the training loss at every logged step, one panel per group;
            PREFIX_rewards.png  reward curves (margin, accuracy, chosen, rejected) per step, one line
            per group;
@@ -179,6 +180,7 @@ class Point:
     pairs_digest: str | None = None
     quality: PairQuality | None = None
     q_ranked: PairQuality | None = None
+    q_ranking: RankingCheck | None = None
     train: TrainSummary | None = None
 
     @property
@@ -411,6 +413,55 @@ def pair_quality(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> P
     return PairQuality(matched, unmatched, chosen_good, rejected_good, both)
 
 
+@dataclass(frozen=True)
+class RankingCheck:
+    """Whether a rule's chosen steps beat chance where the outcomes could tell (Q-ranked pairs).
+
+    pairs: pairs checked; informed: pairs at a node with at least one child on a path to a correct
+    answer (elsewhere every child is wrong and the ranking has nothing to find); informed_chosen_good:
+    of those, pairs whose chosen child is on such a path; informed_random: of those, the expected
+    count for a chosen child picked uniformly among the node's children.
+    """
+
+    pairs: int
+    informed: int
+    informed_chosen_good: int
+    informed_random: float
+
+    @property
+    def informed_share(self) -> float | None:
+        return self.informed / self.pairs if self.pairs else None
+
+    @property
+    def informed_chosen_share(self) -> float | None:
+        return self.informed_chosen_good / self.informed if self.informed else None
+
+    @property
+    def informed_random_share(self) -> float | None:
+        return self.informed_random / self.informed if self.informed else None
+
+
+def ranking_check(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> RankingCheck:
+    """RankingCheck of pairs that carry `node_id` and `chosen_id` (as extract_pairs writes them)."""
+    by_id = {t.problem.id: t for t in trees}
+    good_cache: dict[str, set[int]] = {}
+    n = informed = chosen_good = 0
+    random_good = 0.0
+    for pair in pairs:
+        tree = by_id.get(pair.get("problem_id"))
+        if tree is None:
+            continue
+        good = good_cache.setdefault(tree.problem.id, correct_nodes(tree))
+        kids = tree.nodes[int(pair["node_id"])].children
+        n += 1
+        share = sum(c in good for c in kids) / len(kids) if kids else 0.0
+        if share > 0:
+            informed += 1
+            chosen_good += pair.get("chosen_id") in good
+            random_good += share
+    return RankingCheck(n, informed, chosen_good, random_good)
+
+
 def pairs_digest(pairs: Iterable[Mapping[str, Any]]) -> str:
     """A short hash of the pairs' (prompt, chosen, rejected) in file order: equal digests = same pairs."""
     h = hashlib.sha256()
@@ -541,18 +592,19 @@ def read_round(run_dir: Path, k: int, *, quality: bool = True, config: Mapping[s
     search = read_json_file(rd / "search.json") if (rd / "search.json").is_file() else {}
     train = train_summary(read_json_file(rd / "train.json"), rd / "train.json") if (rd / "train.json").is_file() else None
     pairs = read_lines_file(rd / "pairs.jsonl", read_pairs) if (rd / "pairs.jsonl").is_file() else None
-    q = q_ranked = None
+    q = q_ranked = q_ranking = None
     if quality and pairs is not None and (rd / "trees.jsonl").is_file():
         trees = read_lines_file(rd / "trees.jsonl", read_trees)
         q = pair_quality(trees, pairs)
         if (config or {}).get("pairs.source", "mcts") == "mcts":
-            q_ranked = pair_quality(trees, q_ranked_pairs(trees, config or {}))
+            ranked = q_ranked_pairs(trees, config or {})
+            q_ranked, q_ranking = pair_quality(trees, ranked), ranking_check(trees, ranked)
     return Point(position=k + 1, evals=evals, search_flops=phase_flops(compute, "search", rd / "compute.json"),
                  train_flops=phase_flops(compute, "train", rd / "compute.json"),
                  total_flops=float(compute["total_flops"]), trees=int(search.get("trees", 0)),
                  search_generated_tokens=int((search.get("compute") or {}).get("generated_tokens", 0)),
                  pairs=None if pairs is None else len(pairs), pairs_digest=None if pairs is None else pairs_digest(pairs),
-                 quality=q, q_ranked=q_ranked, train=train)
+                 quality=q, q_ranked=q_ranked, q_ranking=q_ranking, train=train)
 
 
 def missing_round_files(run_dir: Path, rounds: int, needs_eval: bool) -> list[Path]:
@@ -704,6 +756,9 @@ def summarize_position(group: Group, position: int, tasks: Sequence[str]) -> dic
                                                          if p.q_ranked is not None and p.trees])),
         "q_ranked_chosen_good": band_dict(_share_band(rounds, "chosen_share", "q_ranked")),
         "q_ranked_rejected_good": band_dict(_share_band(rounds, "rejected_share", "q_ranked")),
+        "q_ranked_informed": band_dict(_share_band(rounds, "informed_share", "q_ranking")),
+        "q_ranked_informed_chosen_good": band_dict(_share_band(rounds, "informed_chosen_share", "q_ranking")),
+        "q_ranked_informed_random": band_dict(_share_band(rounds, "informed_random_share", "q_ranking")),
         "unmatched_pairs": sum(p.quality.unmatched for p in rounds if p.quality is not None),
         "train_final_loss": band_dict(_train_band(rounds, "final_loss")),
         "train_reward_margin": band_dict(_train_band(rounds, "reward_margin")),
@@ -800,13 +855,19 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
                              _cell(p["train_reward_margin"], 1.0, ".3f")])
         parts += ["## Rounds", "", _table(head, rows), ""]
         q_rows = [[g["label"], ",".join(map(str, g["seeds"])), p["label"], _cell(p["q_ranked_pairs_per_tree"], 1.0, ".2f"),
-                   _cell(p["q_ranked_chosen_good"], 100.0), _cell(p["q_ranked_rejected_good"], 100.0)]
+                   _cell(p["q_ranked_chosen_good"], 100.0), _cell(p["q_ranked_rejected_good"], 100.0),
+                   _cell(p["q_ranked_informed"], 100.0), _cell(p["q_ranked_informed_chosen_good"], 100.0),
+                   _cell(p["q_ranked_informed_random"], 100.0)]
                   for g in iterate for p in g["points"] if p.get("q_ranked_pairs_per_tree")]
         if q_rows:
             parts += ["## Q-ranked pairs from the same trees", "",
                       "The pairs MCTS-DPO's extraction (highest- against lowest-Q child, one step, the run's margin) "
-                      "would take from the same trees, and their quality: how far the search's values can be trusted.",
-                      "", _table(["group", "seeds", "point", "pairs/tree", "chosen good", "rejected good"], q_rows), ""]
+                      "would take from the same trees, and their quality: how far the search's values can be trusted. "
+                      "'informed': share of those pairs at a node where some child lies on a path to a correct answer "
+                      "(elsewhere every child is wrong); there, how often the chosen child is on such a path, against "
+                      "a child picked at random.",
+                      "", _table(["group", "seeds", "point", "pairs/tree", "chosen good", "rejected good", "informed",
+                                  "informed: chosen good", "informed: random"], q_rows), ""]
     evaluate = [g for g in summary["groups"] if g["kind"] == "evaluate"]
     if evaluate:
         head = ["group", "seeds", "task", "mode", "k", "simulations", "accuracy", "train FLOPs", "inference FLOPs"]
@@ -904,13 +965,17 @@ def plot_rounds(summary: Mapping[str, Any], path: Path) -> Path | None:
     return _save(fig, plt, path, legend=True)
 
 
-SEARCH_METRICS = (("pairs_per_tree", "pairs per tree (the run's)", 1.0),
-                  ("chosen_on_correct_path", "chosen on a correct path (%)", 100.0),
-                  ("rejected_off_correct_path", "rejected on none (%)", 100.0),
-                  ("search_tokens_per_problem", "search tokens per problem", 1.0),
-                  ("q_ranked_pairs_per_tree", "Q-ranked pairs per tree", 1.0),
-                  ("q_ranked_chosen_good", "Q-ranked: chosen on a correct path (%)", 100.0),
-                  ("q_ranked_rejected_good", "Q-ranked: rejected on none (%)", 100.0))
+SEARCH_METRICS = (("pairs_per_tree", "pairs per tree (the run's)", 1.0, None),
+                  ("chosen_on_correct_path", "chosen on a correct path (%)", 100.0, None),
+                  ("rejected_off_correct_path", "rejected on none (%)", 100.0, None),
+                  ("search_tokens_per_problem", "search tokens per problem", 1.0, None),
+                  ("q_ranked_pairs_per_tree", "Q-ranked pairs per tree", 1.0, None),
+                  ("q_ranked_chosen_good", "Q-ranked: chosen on a correct path (%)", 100.0, None),
+                  ("q_ranked_informed", "Q-ranked: at a node with a correct child (%)", 100.0, None),
+                  ("q_ranked_informed_chosen_good", "there: chosen on a correct path (%),\ndashed: a random child",
+                   100.0, "q_ranked_informed_random"))
+"""Panels of PREFIX_search.png: summary key, title, scale, and a key drawn dashed in the same panel
+(a baseline). A panel whose values are all equal (e.g. 100% by construction) is left out."""
 
 
 def plot_search(groups: Sequence[Group], summary: Mapping[str, Any], path: Path) -> Path | None:
@@ -925,19 +990,29 @@ def plot_search(groups: Sequence[Group], summary: Mapping[str, Any], path: Path)
         rest = ", ".join(f"{k}={short_value(k, v)}" for k, v in g.diff.items() if k != "search.simulations") or "all"
         first = next(p for p in s["points"] if p["position"] == 1)
         series.setdefault(rest, []).append((g.config.get("search.simulations", 0), first))
+
+    def values(key: str) -> set[float]:
+        return {round(p[key]["mean"], 9) for pts in series.values() for _, p in pts if p.get(key)}
+
+    metrics = [m for m in SEARCH_METRICS if len(values(m[0])) > 1 or (m[3] and len(values(m[3])) > 1)]
+    if not metrics:
+        return None
     plt = _pyplot()
-    fig, axes = _panels(plt, len(SEARCH_METRICS), width=4.2)
-    for ax, (key, title, scale) in zip(axes, SEARCH_METRICS):
+    fig, axes = _panels(plt, len(metrics), width=4.2)
+    for ax, (key, title, scale, baseline) in zip(axes, metrics):
         for label, pts in series.items():
             pts = sorted(((x, p) for x, p in pts if p.get(key)), key=lambda xp: xp[0])
             if pts:
                 _line(ax, [x for x, _ in pts], [p[key] for _, p in pts], label, scale)
+                if baseline:
+                    ax.plot([x for x, _ in pts], [p[baseline]["mean"] * scale if p.get(baseline) else float("nan")
+                                                  for _, p in pts], linestyle="--", color=ax.lines[-1].get_color())
         if all(x > 0 for pts in series.values() for x, _ in pts):
             ax.set_xscale("log", base=2)
         ax.set_xlabel("search.simulations")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle("Round 0: pairs and pair quality against search budget")
+    fig.suptitle("Round 0: pairs and pair quality against search budget (constant panels left out)")
     return _save(fig, plt, path, legend=True)
 
 

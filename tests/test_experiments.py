@@ -173,6 +173,18 @@ def test_q_ranked_pairs_measure_the_search_values():
     tree.nodes[5].value_sum = 1.8
     pairs = an.q_ranked_pairs([tree], {"pairs.margin": 0.2})
     assert an.pair_quality([tree], pairs) == an.PairQuality(2, 0, 1, 2, 1)
+    # Both nodes have a child on a correct path (A and D at the root; A1 under A): both pairs informed.
+    # The root's chance: 2 of its 4 children (A, D) lie on one; A's: 1 of 2. The root pair chose C.
+    check = an.ranking_check([tree], pairs)
+    assert check == an.RankingCheck(pairs=2, informed=2, informed_chosen_good=1, informed_random=0.5 + 0.5)
+    assert check.informed_chosen_share == 0.5 and check.informed_random_share == 0.5
+    wrong_only = Tree(Problem("p3", "q", "5"))
+    w = wrong_only.add_child(ROOT_ID, text="a", visits=2, value_sum=1.0)
+    wrong_only.add_child(ROOT_ID, text="b", terminal=True, outcome=-1.0, visits=1, value_sum=-1.0)
+    wrong_only.add_child(w.id, text="The answer is 4.", terminal=True, outcome=-1.0, visits=1, value_sum=-1.0)
+    wrong_only.root.visits = 3
+    ranked = an.q_ranked_pairs([wrong_only], {})
+    assert len(ranked) == 1 and an.ranking_check([wrong_only], ranked) == an.RankingCheck(1, 0, 0, 0.0)
     assert an.q_ranked_pairs([tree], {"pairs.margin": 3.0}) == []  # the run's margin applies
 
 
@@ -221,10 +233,10 @@ def eval_entry(task: str, correct: int, n: int = 10, flops: float = 10.0, mode: 
 
 
 def fake_run(path: Path, *, seed: int, rounds: int = 2, written: int | None = None, correct=(2, 4, 6),
-             loss_type=("sigmoid",)) -> Path:
+             loss_type=("sigmoid",), simulations: int = 4) -> Path:
     """An iterate run directory as iterate.py writes it (the files the analysis reads)."""
     config = {"run": {"name": path.name, "dir": str(path), "rounds": rounds, "seed": seed},
-              "backend": {"seed": seed}, "train": {"loss_type": list(loss_type)}, "search": {"simulations": 4},
+              "backend": {"seed": seed}, "train": {"loss_type": list(loss_type)}, "search": {"simulations": simulations},
               "eval_tasks": {"arith_test": {"name": "arith_test"}}, "pairs": {"source": "mcts"}}
     (path).mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
@@ -303,6 +315,21 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
     assert "train.loss_type=ipo" in md and "3 runs trained on the same pairs" in md
     assert "## Q-ranked pairs from the same trees" in md
     assert json.loads(Path(f"{out}.json").read_text())["groups"][0]["label"]
+
+
+def test_search_plot_leaves_out_constant_panels(tmp_path):
+    runs = tmp_path / "runs"
+    for sims in (4, 8):
+        fake_run(runs / f"s{sims}", seed=0, simulations=sims, rounds=1)
+    out = tmp_path / "search"
+    summary = an.analyze([str(runs)], out, kind="search")
+    assert sorted(g["label"] for g in summary["groups"]) == ["search.simulations=4", "search.simulations=8"]
+    # Equal trees in both runs: every panel is constant, so there is nothing to plot.
+    assert not Path(f"{out}_search.png").exists()
+    fake_run(runs / "s16", seed=0, simulations=16, rounds=1)
+    (runs / "s16" / "round_0" / "pairs.jsonl").write_text("")  # no pairs: pairs per tree 0 differs
+    an.analyze([str(runs)], out, kind="search")
+    assert Path(f"{out}_search.png").stat().st_size > 0
 
 
 def test_malformed_inputs_name_the_file(tmp_path):
