@@ -388,12 +388,25 @@ def pair_side(tree: Tree, pair: Mapping[str, Any], side: str) -> Node | None:
     return match_child(tree, parent, pair[side], pair.get(f"{side}_q"), pair.get(f"{side}_visits"))
 
 
-def pair_quality(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> PairQuality:
+def _tree_index(trees: Iterable[Tree], good: dict[str, set[int]] | None) -> tuple[dict[str, Tree], Callable[[Tree], set[int]]]:
+    """Trees by problem id, and a lookup of each tree's correct_nodes computed once (kept in `good`, which
+    a caller passes to share it between checks of the same trees)."""
+    cache = {} if good is None else good
+
+    def good_of(tree: Tree) -> set[int]:
+        if tree.problem.id not in cache:
+            cache[tree.problem.id] = correct_nodes(tree)
+        return cache[tree.problem.id]
+
+    return {t.problem.id: t for t in trees}, good_of
+
+
+def pair_quality(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]],
+                 good: dict[str, set[int]] | None = None) -> PairQuality:
     """Pair quality of one round (see PairQuality). A pair names its tree (`problem_id`), the node whose
     children it compares (`node_id`) and the two children (`chosen_id`, `rejected_id`; without them,
     matched by text, ties broken by the recorded Q and visits)."""
-    by_id = {t.problem.id: t for t in trees}
-    good_cache: dict[str, set[int]] = {}
+    by_id, good_of = _tree_index(trees, good)
     matched = unmatched = chosen_good = rejected_good = both = 0
     for pair in pairs:
         tree = by_id.get(pair.get("problem_id"))
@@ -404,8 +417,8 @@ def pair_quality(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> P
         if chosen is None or rejected is None:
             unmatched += 1
             continue
-        good = good_cache.setdefault(tree.problem.id, correct_nodes(tree))
-        c_ok, r_ok = chosen.id in good, rejected.id not in good
+        good_nodes = good_of(tree)
+        c_ok, r_ok = chosen.id in good_nodes, rejected.id not in good_nodes
         matched += 1
         chosen_good += c_ok
         rejected_good += r_ok
@@ -441,23 +454,24 @@ class RankingCheck:
         return self.informed_random / self.informed if self.informed else None
 
 
-def ranking_check(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]]) -> RankingCheck:
-    """RankingCheck of pairs that carry `node_id` and `chosen_id` (as extract_pairs writes them)."""
-    by_id = {t.problem.id: t for t in trees}
-    good_cache: dict[str, set[int]] = {}
+def ranking_check(trees: Iterable[Tree], pairs: Iterable[Mapping[str, Any]],
+                  good: dict[str, set[int]] | None = None) -> RankingCheck:
+    """RankingCheck of pairs that carry `node_id` and `chosen_id` (as extract_pairs writes them);
+    `good` as in pair_quality."""
+    by_id, good_of = _tree_index(trees, good)
     n = informed = chosen_good = 0
     random_good = 0.0
     for pair in pairs:
         tree = by_id.get(pair.get("problem_id"))
         if tree is None:
             continue
-        good = good_cache.setdefault(tree.problem.id, correct_nodes(tree))
+        good_nodes = good_of(tree)
         kids = tree.nodes[int(pair["node_id"])].children
         n += 1
-        share = sum(c in good for c in kids) / len(kids) if kids else 0.0
+        share = sum(c in good_nodes for c in kids) / len(kids) if kids else 0.0
         if share > 0:
             informed += 1
-            chosen_good += pair.get("chosen_id") in good
+            chosen_good += pair.get("chosen_id") in good_nodes
             random_good += share
     return RankingCheck(n, informed, chosen_good, random_good)
 
@@ -595,10 +609,11 @@ def read_round(run_dir: Path, k: int, *, quality: bool = True, config: Mapping[s
     q = q_ranked = q_ranking = None
     if quality and pairs is not None and (rd / "trees.jsonl").is_file():
         trees = read_lines_file(rd / "trees.jsonl", read_trees)
-        q = pair_quality(trees, pairs)
+        good: dict[str, set[int]] = {}  # each tree's correct nodes, computed once for the three checks
+        q = pair_quality(trees, pairs, good)
         if (config or {}).get("pairs.source", "mcts") == "mcts":
             ranked = q_ranked_pairs(trees, config or {})
-            q_ranked, q_ranking = pair_quality(trees, ranked), ranking_check(trees, ranked)
+            q_ranked, q_ranking = pair_quality(trees, ranked, good), ranking_check(trees, ranked, good)
     return Point(position=k + 1, evals=evals, search_flops=phase_flops(compute, "search", rd / "compute.json"),
                  train_flops=phase_flops(compute, "train", rd / "compute.json"),
                  total_flops=float(compute["total_flops"]), trees=int(search.get("trees", 0)),
@@ -1023,12 +1038,7 @@ def plot_loss(groups: Sequence[Group], path: Path) -> Path | None:
     if not entries:
         return None
     plt = _pyplot()
-    cols = min(LOSS_PANEL_COLUMNS, len(entries))
-    rows = math.ceil(len(entries) / cols)
-    fig, grid = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.4 * rows), squeeze=False, layout="constrained")
-    axes = [ax for row in grid for ax in row]
-    for ax in axes[len(entries):]:
-        ax.set_visible(False)
+    fig, axes = _panels(plt, len(entries), width=3.8, height=3.4, columns=LOSS_PANEL_COLUMNS)
     for ax, g in zip(axes, entries):
         for r in g.runs:
             for p in r.points:

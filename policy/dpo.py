@@ -215,8 +215,8 @@ HISTORIES = {"loss_history": "loss", "margin_history": "rewards/margins", "accur
 def result_from_dict(data: dict[str, Any]) -> TrainResult:
     names = {f.name for f in fields(TrainResult)}
     kwargs = {k: v for k, v in data.items() if k in names}
-    for name in HISTORIES:
-        kwargs[name] = tuple(kwargs.get(name, ()))
+    for name in HISTORIES.keys() & kwargs.keys():  # loss_history is required; the reward curves are newer
+        kwargs[name] = tuple(kwargs[name])
     return TrainResult(**kwargs)
 
 
