@@ -79,6 +79,11 @@ class SearchConfig:
     outcome_weight, eval_weight: w_o and w_e in a terminal's value (w_o*outcome + w_e*(2s-1)) / (w_o+w_e).
     backup: what an expansion backs up: the mean or the max of the new children's values.
     max_tokens_per_tree: stop a tree once it generated this many tokens (0: no cap).
+    revisit_validated: a simulation may select a terminal whose answer was validated (its value is
+        backed up again, as in the reference); false: such terminals, and nodes all of whose children
+        are excluded, are skipped, as MCTS-Solver skips proven nodes (Winands et al. 2008), so every
+        simulation expands a node and none is spent re-counting a known outcome. Only matters with
+        `use_outcome`.
     stepwise, commit_every: after every `commit_every` simulations commit to the most-visited child of
         the current search root and search below it (the whole tree is kept).
     leaves_per_tree: leaves selected per tree per wave (more than 1 uses virtual loss).
@@ -103,6 +108,7 @@ class SearchConfig:
     eval_weight: float = 0.5
     backup: str = "mean"
     max_tokens_per_tree: int = 0
+    revisit_validated: bool = True
     stepwise: bool = False
     commit_every: int = 4
     leaves_per_tree: int = 1
@@ -233,7 +239,7 @@ def _select(state: _Active, config: SearchConfig) -> list[_Selection]:
     if config.stepwise:
         count = min(count, config.commit_every - state.since_commit)
     chosen: list[_Selection] = []
-    blocked: set[int] = set()
+    blocked: set[int] = set() if config.revisit_validated else validated_exhausted(tree)
     for _ in range(count):
         leaf = select_leaf(tree, state.search_root, c_puct=config.c_puct, fpu=config.fpu, exclude=blocked)
         if leaf is None:
@@ -250,6 +256,16 @@ def _select(state: _Active, config: SearchConfig) -> list[_Selection]:
         for sel in chosen:
             add_virtual_loss(tree, sel.leaf, config.virtual_loss, sign=-1)
     return chosen
+
+
+def validated_exhausted(tree: Tree) -> set[int]:
+    """Terminals whose answer was validated, and every node all of whose children are in the set:
+    the nodes a simulation gains nothing from when `revisit_validated` is off."""
+    out: set[int] = set()
+    for node in tree.nodes:
+        if node.terminal and node.outcome is not None:
+            _block(tree, node.id, out)
+    return out
 
 
 def _block(tree: Tree, leaf: int, blocked: set[int]) -> None:

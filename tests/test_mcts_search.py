@@ -23,6 +23,7 @@ from mcts.search import (
     leaf_value,
     most_visited_path,
     run_search,
+    validated_exhausted,
 )
 from mcts.tree import NO_PARENT, ROOT, Tree
 from mcts.types import Problem
@@ -205,6 +206,43 @@ def test_token_cap_stops_the_tree():
     assert tree.meta["stop"] == "token_cap"
     assert tree.compute["generated_tokens"] >= 45
     assert tree.meta["simulations"] < 50
+    check_invariants(tree, cfg)
+
+
+def test_validated_exhausted_marks_known_terminals_and_full_parents():
+    tree = Tree(sum_problem([1, 2]))
+    a = tree.add_child(ROOT, text="a", num_tokens=1, logprob=0.0, prior=0.5)
+    b = tree.add_child(ROOT, text="b", num_tokens=1, logprob=0.0, prior=0.5, terminal=True, answer="4", outcome=-1.0)
+    a1 = tree.add_child(a.id, text="a1", num_tokens=1, logprob=0.0, prior=0.5, terminal=True, answer="3", outcome=1.0)
+    a2 = tree.add_child(a.id, text="a2", num_tokens=1, logprob=0.0, prior=0.5, terminal=True, answer="5", outcome=-1.0)
+    # every leaf validated: the root itself is exhausted
+    assert validated_exhausted(tree) == {ROOT, a.id, b.id, a1.id, a2.id}
+    a3 = tree.add_child(a.id, text="a3", num_tokens=1, logprob=0.0, prior=0.0)  # expandable
+    assert validated_exhausted(tree) == {b.id, a1.id, a2.id}
+    a3.terminal, a3.answer = True, "9"  # a terminal without a validated outcome (inference time) stays selectable
+    assert validated_exhausted(tree) == {b.id, a1.id, a2.id}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_skipping_validated_terminals_spends_every_simulation_on_an_expansion(seed):
+    problem = sum_problem([2, 3, 4, 5])
+    revisit = SearchConfig(simulations=24)
+    skip = dataclasses.replace(revisit, revisit_validated=False)
+    (t_revisit,), (t_skip,) = search([problem], revisit, seed=seed), search([problem], skip, seed=seed)
+    check_invariants(t_skip, skip)
+    # no terminal with a validated outcome is ever selected again (the root's visit counts simulations)
+    assert all(n.visits == 1 for n in t_skip.terminals() if n.outcome is not None)
+    assert t_skip.compute["expansions"] == t_skip.meta["simulations"]
+    assert any(n.visits > 1 for n in t_revisit.terminals())  # the reference re-counts known outcomes...
+    assert t_revisit.compute["expansions"] < t_skip.compute["expansions"]  # ... at the expense of expansions
+    assert len(t_skip.terminals()) > len(t_revisit.terminals())
+
+
+def test_skipping_validated_terminals_stops_when_everything_is_known():
+    cfg = SearchConfig(simulations=100, breadth_root=2, breadth=2, max_depth=3, revisit_validated=False)
+    (tree,) = search([sum_problem([1, 2])], cfg)
+    assert tree.meta["stop"] == "resolved"
+    assert tree.compute["expansions"] == tree.meta["simulations"] < 100
     check_invariants(tree, cfg)
 
 
