@@ -35,6 +35,11 @@ apply (`--kind auto`) or the one asked for:
            inference FLOPs) and evaluate.py runs (majority@k, MCTS at test time; x = the evaluated
            model's training FLOPs, when its run directory is known, + inference FLOPs).
 
+Paired differences (`paired_diffs`): every two iterate groups after each round, per task, the
+accuracy difference on the same evaluation problems (eval.json's per-problem records) for the seeds
+both ran, with a 95% interval over problems; far narrower than the per-group bands, since both sides
+answer the same problems.
+
 Pair quality (`pair_quality`): a chosen step is good when it lies on a path to a correct answer (it
 or a descendant is a terminal with outcome +1), a rejected step is good when it does not. With
 verified pairs (the default) it is 100% by construction, so for MCTS runs the analysis also extracts
@@ -79,6 +84,7 @@ KINDS = ("auto", "rounds", "search", "loss", "compare")
 SEARCH_KEYS = ("search.simulations", "search.breadth", "search.breadth_root")
 LOSS_KEYS = ("train.loss_type", "train.loss_weights", "train.conservative")
 SAMPLING_KEYS = ("eval.k", "eval.temperature", "eval.top_p")
+SAMPLING_PAIRS_KEYS = ("pairs.source", "pairs.samples", "pairs.max_pairs_per_tree")  # what acts with pairs.source=sampling
 INITIAL = "initial"
 LOSS_PANEL_COLUMNS = 4
 
@@ -108,6 +114,30 @@ class EvalPoint:
     flops: float
     mode: str = "greedy"
     k: int | None = None
+    outcomes: Mapping[str, bool] = field(default_factory=dict, compare=False, repr=False)
+    """problem id -> answered correctly (eval.json's records), for paired comparisons."""
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """Accuracy of `other` minus `base` on the same evaluation problems, for the seeds both have.
+
+    diff, low, high: the mean over problems of each problem's difference (1 right, 0 wrong; averaged
+    over the seeds) with a 95% interval over problems; per_seed: the plain difference of each seed;
+    other_only / base_only: (seed, problem) cases right only in `other` / only in `base`."""
+
+    base: str
+    other: str
+    point: str
+    task: str
+    seeds: tuple
+    problems: int
+    diff: float
+    low: float
+    high: float
+    per_seed: tuple[float, ...]
+    other_only: int
+    base_only: int
 
 
 @dataclass(frozen=True)
@@ -276,6 +306,36 @@ def accuracy_band(points: Sequence[EvalPoint]) -> Band | None:
     return Band(b.mean, max(0.0, b.low), min(1.0, b.high), b.n, b.method)
 
 
+def paired_difference(seeds: Sequence[tuple[Mapping[str, bool], Mapping[str, bool]]]) -> dict[str, Any] | None:
+    """Accuracy difference other - base from per-seed (base outcomes, other outcomes) on the problems
+    both answered: each problem's difference is averaged over the seeds that have it, then the mean
+    over problems gets a 95% interval over problems (t, or normal from 30 problems on). Comparing the
+    same problems cancels their difficulty, so the interval is far narrower than two accuracies'
+    own; it covers the draw of problems, and the seeds' spread only through their average (see
+    `per_seed`). None when no problem is shared."""
+    by_problem: dict[str, list[int]] = {}
+    per_seed, other_only, base_only = [], 0, 0
+    for base, other in seeds:
+        shared = sorted(set(base) & set(other))
+        if not shared:
+            continue
+        diffs = [int(other[p]) - int(base[p]) for p in shared]
+        per_seed.append(sum(diffs) / len(diffs))
+        other_only += diffs.count(1)
+        base_only += diffs.count(-1)
+        for p, d in zip(shared, diffs):
+            by_problem.setdefault(p, []).append(d)
+    if not by_problem:
+        return None
+    values = [sum(ds) / len(ds) for ds in by_problem.values()]
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
+    return {"problems": n, "diff": mean, "low": mean - half, "high": mean + half, "per_seed": tuple(per_seed),
+            "other_only": other_only, "base_only": base_only}
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mappings -> {"a.b.c": value}; lists stay values."""
     out: dict[str, Any] = {}
@@ -294,10 +354,13 @@ def is_group_key(key: str) -> bool:
 
 def idle_key(config: Mapping[str, Any], key: str) -> bool:
     """A key that cannot act in this config: the sampling-mode keys of an evaluation that does not
-    sample, the search keys of an evaluation that does not search, pairs.samples of an MCTS pair source."""
+    sample, the search keys of an evaluation that does not search, pairs.samples of an MCTS pair source,
+    the search keys and the tree-pair keys of the sampling pair source."""
     mode = config.get("eval.mode")
     if "run.rounds" not in config:  # an evaluate.py config
         return (mode != "sampling" and key in SAMPLING_KEYS) or (mode != "mcts" and key.startswith("search."))
+    if config.get("pairs.source") == "sampling":  # no tree search: only these pairs keys act; search.batch_trees
+        return key.startswith("search.") or (key.startswith("pairs.") and key not in SAMPLING_PAIRS_KEYS)  # only batches
     return config.get("pairs.source") == "mcts" and key == "pairs.samples"
 
 
@@ -315,11 +378,26 @@ def canonical(value: Any) -> str:
     return json.dumps(_numbers_as_floats(value), sort_keys=True, default=str)
 
 
-def differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Keys that take more than one value among the `configs` that have them, sorted; if those do not
-    tell the configs apart, keys whose presence differs too."""
+def _key_value(config: Mapping[str, Any], key: str, whole: Mapping[str, Any]) -> str | None:
+    """The key's canonical value in `config` (`whole` without its idle keys); "<unset>" when `whole`
+    has the key's group (e.g. other search.* keys) but not the key (a run from before the key
+    existed); None when the key is idle or `whole` lacks its group."""
+    if key in config:
+        return canonical(config[key])
+    if key in whole:
+        return None
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else None
+    return "<unset>" if prefix and any(k.startswith(prefix) for k in whole) else None
+
+
+def differing_keys(configs: Sequence[Mapping[str, Any]], wholes: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
+    """Keys that take more than one value among the `configs` that have them (a key missing from a
+    config that has its group counts as the value "<unset>"; `wholes`: the configs with their idle
+    keys, which count as missing values), sorted; if those do not tell the configs apart, keys whose
+    presence differs too."""
+    wholes = configs if wholes is None else wholes
     keys = sorted({k for c in configs for k in c})
-    varied = [k for k in keys if len({canonical(c[k]) for c in configs if k in c}) > 1]
+    varied = [k for k in keys if len({v for c, w in zip(configs, wholes) if (v := _key_value(c, k, w)) is not None}) > 1]
     if len({canonical({k: c.get(k) for k in varied}) for c in configs}) == len(configs):
         return varied
     return [k for k in keys if len({canonical(c.get(k, "<unset>")) for c in configs}) > 1]
@@ -349,7 +427,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     for kind in ("iterate", "evaluate"):
         members = [(cfg, rs) for (k, cfg), rs in buckets.items() if k == kind]
         configs = [rs[0].group_config for _, rs in members]
-        keys = differing_keys(configs)
+        keys = differing_keys(configs, [rs[0].config for _, rs in members])
         for config, rs in zip(configs, [rs for _, rs in members]):
             ordered = tuple(sorted(rs, key=lambda r: canonical(r.seed)))
             groups.append(Group(kind, config, ordered, {k: config[k] for k in keys if k in config}))
@@ -556,9 +634,22 @@ def eval_point(name: str, data: Any, path: Path) -> EvalPoint:
         return EvalPoint(task=str(data.get("task", name)), accuracy=float(data["accuracy"]),
                          ci95=(float(data["ci95"][0]), float(data["ci95"][1])), n=int(data["n"]),
                          correct=int(data["correct"]), flops=float(data["compute"]["flops"]),
-                         mode=str(data.get("mode", "greedy")), k=data.get("k"))
+                         mode=str(data.get("mode", "greedy")), k=data.get("k"),
+                         outcomes=record_outcomes(data.get("records") or [], f"{path}: entry {name!r}"))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise AnalysisError(f"{path}: entry {name!r} is not an evaluation result (missing or bad {err})") from None
+
+
+def record_outcomes(records: Any, where: str) -> dict[str, bool]:
+    """problem id -> correct, from eval.json records."""
+    if not isinstance(records, list):
+        raise AnalysisError(f"{where}: records is not a list")
+    out = {}
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping) or "id" not in r or not isinstance(r.get("correct"), bool):
+            raise AnalysisError(f"{where}: record {i} has no id or no true/false 'correct'")
+        out[str(r["id"])] = r["correct"]
+    return out
 
 
 def read_evals(path: Path) -> dict[str, EvalPoint]:
@@ -809,7 +900,34 @@ def summarize(groups: Sequence[Group]) -> dict[str, Any]:
         else:
             entry["evaluation"] = summarize_evaluate(g)
         out.append(entry)
-    return {"tasks": tasks, "groups": out, "checks": checks(groups)}
+    return {"tasks": tasks, "groups": out, "checks": checks(groups), "paired": [asdict(d) for d in paired_diffs(groups, tasks)]}
+
+
+def paired_diffs(groups: Sequence[Group], tasks: Sequence[str]) -> list[PairedDiff]:
+    """Every two iterate groups (the earlier one as base) after each round, per task: the paired
+    accuracy difference over the seeds both groups ran (`paired_difference`). Groups without shared
+    seeds or without per-problem records are not compared."""
+    iterate = [g for g in groups if g.kind == "iterate"]
+    out = []
+    for i, base in enumerate(iterate):
+        for other in iterate[i + 1:]:
+            runs_b = {canonical(r.seed): r for r in base.runs}
+            shared = [(runs_b[canonical(r.seed)], r) for r in other.runs if canonical(r.seed) in runs_b]
+            positions = sorted({p.position for _, r in shared for p in r.points if p.position > 0})
+            for pos in positions:
+                for task in tasks:
+                    per_seed, seeds = [], []
+                    for rb, ro in shared:
+                        pb = next((p for p in rb.points if p.position == pos), None)
+                        po = next((p for p in ro.points if p.position == pos), None)
+                        if pb and po and task in pb.evals and task in po.evals:
+                            per_seed.append((pb.evals[task].outcomes, po.evals[task].outcomes))
+                            seeds.append(ro.config.get("run.seed"))
+                    d = paired_difference(per_seed)
+                    if d is not None:
+                        out.append(PairedDiff(base=base.label, other=other.label, point=f"round {pos - 1}", task=task,
+                                              seeds=tuple(seeds), **d))
+    return out
 
 
 def checks(groups: Sequence[Group]) -> dict[str, Any]:
@@ -892,6 +1010,20 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
                  _cell(e["inference_flops"], 1.0, ".3g")]
                 for g in evaluate for e in [g["evaluation"]]]
         parts += ["## Inference-time runs (evaluate.py)", "", _table(head, rows), ""]
+    if summary.get("paired"):
+        rows = [[f"{d['other']} − {d['base']}", d["point"], d["task"], ",".join(map(str, d["seeds"])), str(d["problems"]),
+                 f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
+                 ", ".join(f"{100 * x:+.0f}" for x in d["per_seed"]), f"{d['other_only']} / {d['base_only']}"]
+                for d in summary["paired"]]
+        parts += ["## Paired differences", "",
+                  "Accuracy of one group minus another's on the same evaluation problems, for the seeds both ran "
+                  "(points; each problem's difference averaged over the seeds, 95% interval over problems). "
+                  "Comparing the same problems cancels their difficulty, so these intervals are much narrower than "
+                  "the per-group bands above; they do not cover training-seed spread beyond the seeds shown "
+                  "('per seed'). 'right only in': (seed, problem) cases answered right by the first / by the second "
+                  "group only.", "",
+                  _table(["difference", "point", "task", "seeds", "problems", "difference (pts)", "per seed",
+                          "right only in first / second"], rows), ""]
     c = summary["checks"]
     lines = []
     if c["search_tokens_per_problem"]:

@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +214,44 @@ def test_grouping_drops_seeds_names_and_paths():
     assert an.short_value("model.path", "runs/x/round_2/policy") == "x/round_2"
     assert an.short_value("prompt.step_separator", "\n") == '"\\n"'
     assert an.canonical({"margin": 0}) == an.canonical({"margin": 0.0}) != an.canonical({"margin": False})
+    # a key missing from a config that has its group: a run from before the key existed ("<unset>")
+    assert an.differing_keys([{"s.a": 1, "s.new": False}, {"s.a": 1}]) == ["s.new"]
+    assert an.differing_keys([{"s.a": 1, "s.new": False}, {"t.b": 1}]) == ["s.a", "s.new", "t.b"]  # fallback: presence
+    # idle keys (present in the whole config, dropped from the group config) are not "<unset>"
+    assert an.differing_keys([{"s.a": 1, "p.x": 1}, {"p.x": 2}], [{"s.a": 1, "p.x": 1}, {"s.a": 9, "p.x": 2}]) == ["p.x"]
+
+
+def test_idle_keys_of_the_sampling_source():
+    sampling = {"run.rounds": 1, "pairs.source": "sampling", "pairs.samples": 8, "pairs.margin": 0.2,
+                "pairs.max_pairs_per_tree": 2, "search.simulations": 16}
+    assert [k for k in sampling if an.idle_key(sampling, k)] == ["pairs.margin", "search.simulations"]
+    mcts = {**sampling, "pairs.source": "mcts"}
+    assert [k for k in mcts if an.idle_key(mcts, k)] == ["pairs.samples"]
+
+
+def test_paired_difference_counts_the_same_problems():
+    base = {"p1": True, "p2": False, "p3": False, "p4": True}
+    other = {"p1": True, "p2": True, "p3": False, "p4": False, "p5": True}  # p5: base never answered it
+    d = an.paired_difference([(base, other)])
+    assert d["problems"] == 4 and d["diff"] == 0.0 and (d["other_only"], d["base_only"]) == (1, 1)
+    assert d["per_seed"] == (0.0,) and d["low"] < 0 < d["high"]
+    # two seeds: a problem's difference is averaged over them; the interval is a t-interval over problems
+    better = {p: True for p in base}
+    d = an.paired_difference([(base, better), (base, better)])
+    assert d["diff"] == 0.5 and d["per_seed"] == (0.5, 0.5) and d["other_only"] == 4
+    values = [0, 1, 1, 0]  # per problem
+    half = an.t_quantile(3) * statistics.stdev(values) / 2
+    assert math.isclose(d["low"], 0.5 - half) and math.isclose(d["high"], 0.5 + half)
+    assert an.paired_difference([({"a": True}, {"b": True})]) is None
+
+
+def test_eval_records_must_name_problem_and_outcome(tmp_path):
+    path = tmp_path / "eval.json"
+    write_json(path, {"t": eval_entry("t", 1, records=[{"id": "a", "correct": True}, {"id": "b", "correct": False}])})
+    assert an.read_evals(path)["t"].outcomes == {"a": True, "b": False}
+    write_json(path, {"t": eval_entry("t", 1, records=[{"id": "a", "correct": "yes"}])})
+    with pytest.raises(an.AnalysisError, match="record 0"):
+        an.read_evals(path)
 
 
 # --- the analysis on fabricated run directories --------------------------------------------------------
@@ -227,9 +266,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def eval_entry(task: str, correct: int, n: int = 10, flops: float = 10.0, mode: str = "greedy", **extra) -> dict:
+    """An eval.json entry; its records: the first `correct` of problems q0..q<n-1> answered right."""
     p = correct / n
+    records = [{"id": f"q{i}", "correct": i < correct} for i in range(n)]
     return {"task": task, "mode": mode, "n": n, "correct": correct, "accuracy": p, "ci95": [max(0, p - 0.2), min(1, p + 0.2)],
-            "compute": {"flops": flops}, **extra}
+            "compute": {"flops": flops}, "records": records, **extra}
 
 
 def fake_run(path: Path, *, seed: int, rounds: int = 2, written: int | None = None, correct=(2, 4, 6),
@@ -285,7 +326,7 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
     runs = tmp_path / "runs"
     fake_run(runs / "dpo-s0", seed=0)
     fake_run(runs / "dpo-s1", seed=1, correct=(2, 6, 8))
-    fake_run(runs / "ipo-s0", seed=0, loss_type=("ipo",))
+    fake_run(runs / "ipo-s0", seed=0, loss_type=("ipo",), correct=(2, 5, 6))
     fake_run(runs / "broken", seed=2, written=1)  # round_1 missing: skipped
     evals = tmp_path / "eval"
     fake_eval_dir(evals / "base-k4", None, k=4, correct=5)
@@ -314,6 +355,12 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
     md = Path(f"{out}.md").read_text()
     assert "train.loss_type=ipo" in md and "3 runs trained on the same pairs" in md
     assert "## Q-ranked pairs from the same trees" in md
+    # paired: ipo (seed 0 only) against sigmoid's seed 0 on the same problems: 5 vs 4, then 6 vs 6 right
+    paired = [d for d in summary["paired"] if d["task"] == "arith_test"]
+    assert [(d["base"], d["other"], d["point"], list(d["seeds"]), d["diff"], d["other_only"]) for d in paired] == [
+        ("train.loss_type=sigmoid", "train.loss_type=ipo", "round 0", [0], 0.1, 1),
+        ("train.loss_type=sigmoid", "train.loss_type=ipo", "round 1", [0], 0.0, 0)]
+    assert "## Paired differences" in md and "+10.0 [" in md and "+0.0 [+0.0, +0.0]" in md
     assert json.loads(Path(f"{out}.json").read_text())["groups"][0]["label"]
 
 
