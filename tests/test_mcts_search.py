@@ -72,8 +72,9 @@ def check_invariants(tree: Tree, config: SearchConfig) -> None:
 def test_finds_the_correct_path():
     problem = sum_problem([2, 3, 4])
     for seed in range(5):
-        (tree,) = search([problem], SearchConfig(simulations=16), seed=seed)
-        check_invariants(tree, SearchConfig(simulations=16))
+        cfg = SearchConfig(simulations=16, revisit_validated=True)  # the reference: visits follow value
+        (tree,) = search([problem], cfg, seed=seed)
+        check_invariants(tree, cfg)
         right = correct_steps(problem)
         correct = [n for n in tree.terminals() if n.outcome == 1.0]
         assert correct, f"seed {seed}: no correct terminal"
@@ -117,7 +118,7 @@ configs = st.builds(
     simulations=st.integers(0, 20), batch_trees=st.integers(1, 4), breadth_root=st.integers(1, 4),
     breadth=st.integers(1, 3), max_depth=st.integers(1, 5), fpu=st.sampled_from([-0.5, 0.0, 0.5]),
     self_eval=st.booleans(), use_outcome=st.booleans(), backup=st.sampled_from(["mean", "max"]),
-    stepwise=st.booleans(), commit_every=st.integers(1, 4), leaves_per_tree=st.integers(1, 3),
+    revisit_validated=st.booleans(), stepwise=st.booleans(), commit_every=st.integers(1, 4), leaves_per_tree=st.integers(1, 3),
     c_puct=st.sampled_from([0.0, 1.0, 2.5]),
 )
 problem_lists = st.lists(st.lists(st.integers(1, 9), min_size=2, max_size=4), min_size=1, max_size=4)
@@ -226,7 +227,7 @@ def test_validated_exhausted_marks_known_terminals_and_full_parents():
 @pytest.mark.parametrize("seed", range(4))
 def test_skipping_validated_terminals_spends_every_simulation_on_an_expansion(seed):
     problem = sum_problem([2, 3, 4, 5])
-    revisit = SearchConfig(simulations=24)
+    revisit = SearchConfig(simulations=24, revisit_validated=True)
     skip = dataclasses.replace(revisit, revisit_validated=False)
     (t_revisit,), (t_skip,) = search([problem], revisit, seed=seed), search([problem], skip, seed=seed)
     check_invariants(t_skip, skip)
@@ -236,6 +237,7 @@ def test_skipping_validated_terminals_spends_every_simulation_on_an_expansion(se
     assert any(n.visits > 1 for n in t_revisit.terminals())  # the reference re-counts known outcomes...
     assert t_revisit.compute["expansions"] < t_skip.compute["expansions"]  # ... at the expense of expansions
     assert len(t_skip.terminals()) > len(t_revisit.terminals())
+    assert t_skip.solved() and t_revisit.solved()
 
 
 def test_skipping_validated_terminals_stops_when_everything_is_known():
