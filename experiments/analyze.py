@@ -1125,18 +1125,28 @@ SEARCH_METRICS = (("pairs_per_tree", "pairs per tree (the run's)", 1.0, None),
 (a baseline). A panel whose values are all equal (e.g. 100% by construction) is left out."""
 
 
+def search_series(groups: Sequence[Group], summary: Mapping[str, Any]) -> dict[str, list[tuple[float, Mapping[str, Any]]]]:
+    """Round 0 of each iterate group that searches, keyed by the values of its other differing keys:
+    [(search.simulations, summarized point)]. Groups that do not search (the sampling pair source)
+    are left out."""
+    series: dict[str, list[tuple[float, Mapping[str, Any]]]] = {}
+    for g, s in zip(groups, summary["groups"]):
+        if g.kind != "iterate" or "search.simulations" not in g.config:
+            continue
+        first = next((p for p in s["points"] if p["position"] == 1), None)
+        if first is None:
+            continue
+        rest = ", ".join(f"{k}={short_value(k, v)}" for k, v in g.diff.items() if k != "search.simulations") or "all"
+        series.setdefault(rest, []).append((g.config["search.simulations"], first))
+    return series
+
+
 def plot_search(groups: Sequence[Group], summary: Mapping[str, Any], path: Path) -> Path | None:
     """(b) Pair yield and quality of the first round against search.simulations, one line per value of
-    the other swept keys."""
-    entries = [(g, s) for g, s in zip(groups, summary["groups"]) if g.kind == "iterate"
-               and any(p["position"] == 1 for p in s["points"])]
-    if not entries:
+    the other swept keys (`search_series`)."""
+    series = search_series(groups, summary)
+    if not series:
         return None
-    series: dict[str, list[tuple[float, Mapping[str, Any]]]] = {}
-    for g, s in entries:
-        rest = ", ".join(f"{k}={short_value(k, v)}" for k, v in g.diff.items() if k != "search.simulations") or "all"
-        first = next(p for p in s["points"] if p["position"] == 1)
-        series.setdefault(rest, []).append((g.config.get("search.simulations", 0), first))
 
     def values(key: str) -> set[float]:
         return {round(p[key]["mean"], 9) for pts in series.values() for _, p in pts if p.get(key)}

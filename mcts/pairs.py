@@ -67,6 +67,10 @@ class PairsConfig:
         `margin`; with `verified`, every child that leads only to wrong answers), lowest Q first,
         instead of with the lowest-Q one only. A branching point with one child reaching a correct
         answer and three reaching only wrong ones gives three pairs, not one.
+    match_steps: with `full`, the rejected child is the qualifying sibling whose continuation has the
+        number of steps closest to the chosen continuation's (ties: lowest Q), not simply the lowest-Q
+        one. The lowest-Q sibling is often an early wrong answer, shorter than the chosen path, so
+        pairs taught "more steps is better"; this keeps that length signal out of the pairs.
     dedupe: drop a pair whose (prompt, chosen, rejected) was already emitted for the same tree.
     step_suffix: appended to each step of chosen/rejected; null = the prompt's step separator
         (given by the caller); a step that ends the solution gets no suffix.
@@ -81,6 +85,7 @@ class PairsConfig:
     verified: bool = False
     full: bool = False
     all_rejected: bool = False
+    match_steps: bool = False
     dedupe: bool = True
     step_suffix: str | None = None
 
@@ -167,12 +172,34 @@ def node_pairs(tree: Tree, node: Node, *, config: PairsConfig, reach: Reach | No
     if config.all_rejected:
         rejected = sorted((k for k in _eligible(kids, best=False, reach=reach) if k.id != chosen.id),
                           key=lambda n: (n.q, -n.visits, n.id))
+    elif config.match_steps and config.full:
+        rejected = _step_matched(tree, chosen, kids, config=config, reach=reach)
     else:
         lowest = _extreme_child(tree, node, best=False, min_visits=config.min_visits, reach=reach)
         rejected = [lowest] if lowest is not None and lowest.id != chosen.id else []
     if reach is None:  # verified pairs rest on validated outcomes, not on a Q gap
         rejected = [r for r in rejected if chosen.q - r.q >= config.margin and not math.isclose(chosen.q, r.q)]
     return [(chosen, r) for r in rejected]
+
+
+def _step_matched(tree: Tree, chosen: Node, kids: list[Node], *, config: PairsConfig,
+                  reach: Reach | None) -> list[Node]:
+    """[the qualifying sibling whose continuation is closest in steps to the chosen continuation's
+    (ties: lower Q, more visits, lower id)], or [] (`match_steps`)."""
+    good = continuation(tree, chosen, best=True, min_visits=config.min_visits, reach=reach)
+    if good is None:
+        return []
+    best, best_key = None, None
+    for kid in _eligible(kids, best=False, reach=reach):
+        if kid.id == chosen.id or (reach is None and chosen.q - kid.q < config.margin):
+            continue
+        bad = continuation(tree, kid, best=False, min_visits=config.min_visits, reach=reach)
+        if bad is None:
+            continue
+        key = (abs(len(bad) - len(good)), kid.q, -kid.visits, kid.id)
+        if best_key is None or key < best_key:
+            best, best_key = kid, key
+    return [] if best is None else [best]
 
 
 def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPrompt, round_index: int = 0,

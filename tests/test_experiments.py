@@ -274,11 +274,11 @@ def eval_entry(task: str, correct: int, n: int = 10, flops: float = 10.0, mode: 
 
 
 def fake_run(path: Path, *, seed: int, rounds: int = 2, written: int | None = None, correct=(2, 4, 6),
-             loss_type=("sigmoid",), simulations: int = 4) -> Path:
+             loss_type=("sigmoid",), simulations: int = 4, source: str = "mcts") -> Path:
     """An iterate run directory as iterate.py writes it (the files the analysis reads)."""
     config = {"run": {"name": path.name, "dir": str(path), "rounds": rounds, "seed": seed},
               "backend": {"seed": seed}, "train": {"loss_type": list(loss_type)}, "search": {"simulations": simulations},
-              "eval_tasks": {"arith_test": {"name": "arith_test"}}, "pairs": {"source": "mcts"}}
+              "eval_tasks": {"arith_test": {"name": "arith_test"}}, "pairs": {"source": source}}
     (path).mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     (path / "metrics.jsonl").write_text("")
@@ -362,6 +362,19 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
         ("train.loss_type=sigmoid", "train.loss_type=ipo", "round 1", [0], 0.0, 0)]
     assert "## Paired differences" in md and "+10.0 [" in md and "+0.0 [+0.0, +0.0]" in md
     assert json.loads(Path(f"{out}.json").read_text())["groups"][0]["label"]
+
+
+def test_search_series_leave_out_the_sampling_source(tmp_path):
+    runs = tmp_path / "runs"
+    for sims in (4, 8):
+        fake_run(runs / f"s{sims}", seed=0, simulations=sims, rounds=1)
+    fake_run(runs / "sampled", seed=0, simulations=16, rounds=1, source="sampling")  # its search.* keys are idle
+    groups = an.group_runs(an.load_runs([str(runs)]))
+    summary = an.summarize(groups)
+    assert sorted(g.label for g in groups) == ["pairs.source=mcts, search.simulations=4",
+                                               "pairs.source=mcts, search.simulations=8", "pairs.source=sampling"]
+    series = an.search_series(groups, summary)
+    assert {label: [x for x, _ in pts] for label, pts in series.items()} == {"pairs.source=mcts": [4, 8]}
 
 
 def test_search_plot_leaves_out_constant_panels(tmp_path):

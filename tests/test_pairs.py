@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -237,3 +239,31 @@ def test_all_rejected_pairs_the_chosen_with_every_qualifying_sibling():
 
 def b_id(tree: Tree) -> int:
     return next(n.id for n in tree.nodes if n.text == "5 - 3 = 2.")
+
+
+def test_match_steps_picks_the_rejected_continuation_as_long_as_the_chosen_one():
+    tree = verified_tree()  # chosen at the root: a -> a2 -> a21 (3 steps); b -> b1 is wrong in 2
+    d = tree.add_child(0, text="5 * 3 = 15.")
+    set_stats(d, 2, 0.3)
+    d1 = tree.add_child(d.id, text="So she has 15.")
+    set_stats(d1, 1, 0.2)
+    d11 = tree.add_child(d1.id, text="The answer is 15.", terminal=True, answer="15", outcome=-1.0)
+    set_stats(d11, 1, -1.0)
+    base = PairsConfig(margin=0.0, verified=True, full=True)
+    lowest = next(p for p in extract_pairs(tree, config=base, format_prompt=fmt) if p["node_id"] == 0)
+    assert lowest["rejected_id"] == b_id(tree)  # the lowest Q: 2 steps against the chosen 3
+    cfg = dataclasses.replace(base, match_steps=True)
+    matched = next(p for p in extract_pairs(tree, config=cfg, format_prompt=fmt) if p["node_id"] == 0)
+    assert matched["rejected_id"] == d.id
+    assert matched["chosen"].count("\n") == matched["rejected"].count("\n") == 2
+    assert matched["rejected"] == "5 * 3 = 15.\nSo she has 15.\nThe answer is 15."
+    # equal distance: the lower Q wins, as without the option
+    set_stats(d11, 1, -1.0)
+    tree.nodes[d1.id].children.clear()
+    tree.nodes[d1.id].terminal, tree.nodes[d1.id].answer, tree.nodes[d1.id].outcome = True, "15", -1.0
+    again = next(p for p in extract_pairs(tree, config=cfg, format_prompt=fmt) if p["node_id"] == 0)
+    assert again["rejected_id"] == b_id(tree)
+    # Q-ranked pairs keep the margin: a sibling too close in Q is not taken
+    q_cfg = PairsConfig(margin=0.45, full=True, match_steps=True)
+    q_root = [p for p in extract_pairs(verified_tree(), config=q_cfg, format_prompt=fmt) if p["node_id"] == 0]
+    assert all(p["gap"] >= 0.45 for p in q_root)
