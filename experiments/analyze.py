@@ -359,8 +359,8 @@ def idle_key(config: Mapping[str, Any], key: str) -> bool:
     mode = config.get("eval.mode")
     if "run.rounds" not in config:  # an evaluate.py config
         return (mode != "sampling" and key in SAMPLING_KEYS) or (mode != "mcts" and key.startswith("search."))
-    if config.get("pairs.source") == "sampling":  # no tree search: only these pairs keys act; search.batch_trees
-        return key.startswith("search.") or (key.startswith("pairs.") and key not in SAMPLING_PAIRS_KEYS)  # only batches
+    if config.get("pairs.source") == "sampling":  # no tree search (search.batch_trees only batches the calls)
+        return key.startswith("search.") or (key.startswith("pairs.") and key not in SAMPLING_PAIRS_KEYS)
     return config.get("pairs.source") == "mcts" and key == "pairs.samples"
 
 

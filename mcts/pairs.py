@@ -161,45 +161,39 @@ def render_steps(nodes: Sequence[Node], suffix: str) -> str:
 
 def node_pairs(tree: Tree, node: Node, *, config: PairsConfig, reach: Reach | None = None) -> list[tuple[Node, Node]]:
     """(chosen, rejected) children of `node` that qualify (`reach`: verified pairs): the chosen child
-    with the lowest-Q rejected one, or with every qualifying rejected sibling (`all_rejected`), lowest
-    Q first; empty when none qualifies."""
+    with the lowest-Q rejected one, with the one closest in steps (`match_steps`), or with every
+    qualifying rejected sibling (`all_rejected`), lowest Q first; empty when none qualifies."""
     kids = [tree.nodes[c] for c in node.children if tree.nodes[c].visits >= max(config.min_visits, 1)]
     if len(kids) < 2:
         return []
     chosen = _extreme_child(tree, node, best=True, min_visits=config.min_visits, reach=reach)
     if chosen is None:
         return []
-    if config.all_rejected:
-        rejected = sorted((k for k in _eligible(kids, best=False, reach=reach) if k.id != chosen.id),
-                          key=lambda n: (n.q, -n.visits, n.id))
-    elif config.match_steps and config.full:
-        rejected = _step_matched(tree, chosen, kids, config=config, reach=reach)
-    else:
-        lowest = _extreme_child(tree, node, best=False, min_visits=config.min_visits, reach=reach)
-        rejected = [lowest] if lowest is not None and lowest.id != chosen.id else []
+    rejected = sorted((k for k in _eligible(kids, best=False, reach=reach) if k.id != chosen.id),
+                      key=lambda n: (n.q, -n.visits, n.id))  # lowest Q first, as _extreme_child orders them
     if reach is None:  # verified pairs rest on validated outcomes, not on a Q gap
         rejected = [r for r in rejected if chosen.q - r.q >= config.margin and not math.isclose(chosen.q, r.q)]
-    return [(chosen, r) for r in rejected]
+    if config.all_rejected:
+        return [(chosen, r) for r in rejected]
+    if config.match_steps and config.full:
+        rejected = _step_matched(tree, chosen, rejected, min_visits=config.min_visits, reach=reach)
+    return [(chosen, r) for r in rejected[:1]]
 
 
-def _step_matched(tree: Tree, chosen: Node, kids: list[Node], *, config: PairsConfig,
+def _step_matched(tree: Tree, chosen: Node, rejected: list[Node], *, min_visits: int,
                   reach: Reach | None) -> list[Node]:
-    """[the qualifying sibling whose continuation is closest in steps to the chosen continuation's
-    (ties: lower Q, more visits, lower id)], or [] (`match_steps`)."""
-    good = continuation(tree, chosen, best=True, min_visits=config.min_visits, reach=reach)
+    """The qualifying `rejected` siblings (lowest Q first) that continue to a terminal, closest in steps
+    to the chosen continuation first (a stable sort: ties keep the Q order); [] when the chosen one
+    does not continue to a terminal (`match_steps`)."""
+    good = continuation(tree, chosen, best=True, min_visits=min_visits, reach=reach)
     if good is None:
         return []
-    best, best_key = None, None
-    for kid in _eligible(kids, best=False, reach=reach):
-        if kid.id == chosen.id or (reach is None and chosen.q - kid.q < config.margin):
-            continue
-        bad = continuation(tree, kid, best=False, min_visits=config.min_visits, reach=reach)
-        if bad is None:
-            continue
-        key = (abs(len(bad) - len(good)), kid.q, -kid.visits, kid.id)
-        if best_key is None or key < best_key:
-            best, best_key = kid, key
-    return [] if best is None else [best]
+    steps = {}
+    for kid in rejected:
+        bad = continuation(tree, kid, best=False, min_visits=min_visits, reach=reach)
+        if bad is not None:
+            steps[kid.id] = abs(len(bad) - len(good))
+    return sorted((k for k in rejected if k.id in steps), key=lambda k: steps[k.id])
 
 
 def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPrompt, round_index: int = 0,
