@@ -11,7 +11,7 @@ A pair is one dict in TRL's column names (`prompt`, `chosen`, `rejected`) plus m
 node id, depth (steps in the shared prefix), Q and visits of each side, the gap, whether each side
 ends the solution, and the round. `pairs.jsonl` holds one per line.
 
-Options: every qualifying rejected sibling paired with the chosen child (`all_rejected`), not only
+Options: only pairs branching at most `max_depth` steps deep (0 = at the root); every qualifying rejected sibling paired with the chosen child (`all_rejected`), not only
 the lowest; at most `max_pairs_per_tree` pairs per tree (largest gaps first); only trees that reached a
 correct answer (`correct_only`); only "verified" pairs, whose chosen step leads (somewhere in the
 tree) to an answer validated correct and whose rejected step leads only to answers validated wrong;
@@ -71,6 +71,9 @@ class PairsConfig:
         number of steps closest to the chosen continuation's (ties: lowest Q), not simply the lowest-Q
         one. The lowest-Q sibling is often an early wrong answer, shorter than the chosen path, so
         pairs taught "more steps is better"; this keeps that length signal out of the pairs.
+    max_depth: keep only pairs that branch at a node of at most this depth (steps in the shared
+        prefix); 0 = root-only pairs, whose prompt is the question alone, as with the sampling source;
+        None = any depth.
     dedupe: drop a pair whose (prompt, chosen, rejected) was already emitted for the same tree.
     step_suffix: appended to each step of chosen/rejected; null = the prompt's step separator
         (given by the caller); a step that ends the solution gets no suffix.
@@ -86,6 +89,7 @@ class PairsConfig:
     full: bool = False
     all_rejected: bool = False
     match_steps: bool = False
+    max_depth: int | None = None
     dedupe: bool = True
     step_suffix: str | None = None
 
@@ -98,6 +102,8 @@ class PairsConfig:
             raise ValueError(f"pairs.margin={self.margin}: must be >= 0")
         if self.min_visits < 0 or self.max_pairs_per_tree < 0:
             raise ValueError("pairs.min_visits and pairs.max_pairs_per_tree must be >= 0")
+        if self.max_depth is not None and self.max_depth < 0:
+            raise ValueError(f"pairs.max_depth={self.max_depth}: must be >= 0 (0 = root only) or null (any depth)")
 
 
 Reach = dict[int, tuple[bool, bool]]
@@ -210,7 +216,7 @@ def extract_pairs(tree: Tree, *, config: PairsConfig, format_prompt: FormatPromp
     pairs: list[dict[str, Any]] = []
     seen: set[tuple[str, str, str]] = set()
     for node in tree.nodes:
-        if not node.children:
+        if not node.children or (config.max_depth is not None and node.depth > config.max_depth):
             continue
         for chosen, rejected in node_pairs(tree, node, config=config, reach=reach):
             _add_pair(pairs, seen, tree, node, chosen, rejected, config=config, reach=reach, suffix=suffix,

@@ -267,3 +267,16 @@ def test_match_steps_picks_the_rejected_continuation_as_long_as_the_chosen_one()
     q_cfg = PairsConfig(margin=0.45, full=True, match_steps=True)
     q_root = [p for p in extract_pairs(verified_tree(), config=q_cfg, format_prompt=fmt) if p["node_id"] == 0]
     assert all(p["gap"] >= 0.45 for p in q_root)
+
+
+def test_max_depth_keeps_pairs_branching_near_the_root():
+    tree = verified_tree()  # verified pairs branch at the root (a vs b) and at a (a2 vs a1)
+    base = PairsConfig(margin=0.0, verified=True, full=True)
+    assert sorted(p["depth"] for p in extract_pairs(tree, config=base, format_prompt=fmt)) == [0, 1]
+    root_only = extract_pairs(tree, config=dataclasses.replace(base, max_depth=0), format_prompt=fmt)
+    assert [(p["node_id"], p["depth"]) for p in root_only] == [(0, 0)]
+    assert root_only[0]["prompt"] == fmt(PROBLEM, ())  # the question alone, as a sampled pair's
+    deep = extract_pairs(tree, config=dataclasses.replace(base, max_depth=1), format_prompt=fmt)
+    assert len(deep) == 2
+    with pytest.raises(ValueError, match="pairs.max_depth=-1"):
+        PairsConfig(max_depth=-1)
