@@ -62,7 +62,7 @@ import os
 import re
 import sys
 import textwrap
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -81,6 +81,7 @@ seed sweep sets backend.seed along with run.seed)."""
 IGNORED_KEYS = ("run.name", "run.dir", "out_dir", "run.search_from")  # search_from: where round 0 came from, not a setting
 IGNORED_PREFIXES = ("hydra.", "tracking.")
 KINDS = ("auto", "rounds", "search", "loss", "compare")
+LABELS = ("config", "names")
 SEARCH_KEYS = ("search.simulations", "search.breadth", "search.breadth_root")
 LOSS_KEYS = ("train.loss_type", "train.loss_weights", "train.conservative")
 SAMPLING_KEYS = ("eval.k", "eval.temperature", "eval.top_p")
@@ -116,6 +117,12 @@ class EvalPoint:
     k: int | None = None
     outcomes: Mapping[str, bool] = field(default_factory=dict, compare=False, repr=False)
     """problem id -> answered correctly (eval.json's records), for paired comparisons."""
+    generated_tokens: int = 0
+    """tokens the evaluated policy generated for the task (eval.json's compute)."""
+
+    @property
+    def tokens_per_problem(self) -> float | None:
+        return self.generated_tokens / self.n if self.n and self.generated_tokens else None
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,37 @@ class PairQuality:
 
 
 @dataclass(frozen=True)
+class PairShape:
+    """Where a round's pairs branch and how long their two sides are.
+
+    mean_depth: steps in the shared prefix (0 = the prompt is the question alone); root_share: pairs
+    with depth 0; chosen_steps / rejected_steps: mean steps (non-empty lines split on the step
+    separator) of the chosen / rejected side. A source whose chosen side is longer teaches longer
+    answers, whatever is right in it."""
+
+    pairs: int
+    mean_depth: float
+    root_share: float
+    chosen_steps: float
+    rejected_steps: float
+
+
+def count_steps(text: str, separator: str = "\n") -> int:
+    return sum(1 for part in text.split(separator) if part.strip()) if separator else int(bool(text.strip()))
+
+
+def pair_shape(pairs: Sequence[Mapping[str, Any]], separator: str = "\n") -> PairShape | None:
+    """The shape of a set of pairs (None without pairs); a pair without `depth` counts as depth 0."""
+    if not pairs:
+        return None
+    n = len(pairs)
+    depths = [int(p.get("depth") or 0) for p in pairs]
+    return PairShape(pairs=n, mean_depth=sum(depths) / n, root_share=sum(d == 0 for d in depths) / n,
+                     chosen_steps=sum(count_steps(str(p["chosen"]), separator) for p in pairs) / n,
+                     rejected_steps=sum(count_steps(str(p["rejected"]), separator) for p in pairs) / n)
+
+
+@dataclass(frozen=True)
 class TrainSummary:
     """The figures of train.json the analysis uses."""
 
@@ -212,6 +250,7 @@ class Point:
     q_ranked: PairQuality | None = None
     q_ranking: RankingCheck | None = None
     train: TrainSummary | None = None
+    shape: PairShape | None = None
 
     @property
     def label(self) -> str:
@@ -247,10 +286,16 @@ class Group:
     config: Mapping[str, Any]
     runs: tuple[Run, ...]
     diff: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    """A label from the runs' names (`--labels names`); None = label by the config keys that differ."""
+
+    @property
+    def config_label(self) -> str:
+        return ", ".join(f"{k}={short_value(k, v)}" for k, v in self.diff.items()) or "all runs"
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={short_value(k, v)}" for k, v in self.diff.items()) or "all runs"
+        return self.name or self.config_label
 
     @property
     def seeds(self) -> list:
@@ -415,6 +460,24 @@ def short_value(key: str, value: Any) -> str:
         m = re.search(r"([^/]+)/(round_\d+)/policy/?$", value)
         return f"{m.group(1)}/{m.group(2)}" if m else Path(value).name
     return str(value)
+
+
+SEED_SUFFIX = re.compile(r"[-_.]?seed[-_]?\d+$")
+
+
+def name_labels(groups: Sequence[Group]) -> list[Group]:
+    """The groups labelled by their runs' names (run.name, else the directory name) without a seed
+    suffix ("-seed1") and without the folder all of them share; a group whose runs' names disagree,
+    or two groups with the same name, keep the config labels."""
+    stems = []
+    for g in groups:
+        names = {SEED_SUFFIX.sub("", str(r.config.get("run.name") or r.path.name)) for r in g.runs}
+        stems.append(names.pop() if len(names) == 1 else None)
+    known = [s for s in stems if s]
+    common = os.path.commonpath(known) if len(known) > 1 and all("/" in s for s in known) else ""
+    stems = [s[len(common):].lstrip("/") if s and common else s for s in stems]
+    unique = [s for s in stems if s and stems.count(s) == 1]
+    return [replace(g, name=s if s in unique else None) for g, s in zip(groups, stems)]
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -635,7 +698,8 @@ def eval_point(name: str, data: Any, path: Path) -> EvalPoint:
                          ci95=(float(data["ci95"][0]), float(data["ci95"][1])), n=int(data["n"]),
                          correct=int(data["correct"]), flops=float(data["compute"]["flops"]),
                          mode=str(data.get("mode", "greedy")), k=data.get("k"),
-                         outcomes=record_outcomes(data.get("records") or [], f"{path}: entry {name!r}"))
+                         outcomes=record_outcomes(data.get("records") or [], f"{path}: entry {name!r}"),
+                         generated_tokens=int(data["compute"].get("generated_tokens") or 0))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise AnalysisError(f"{path}: entry {name!r} is not an evaluation result (missing or bad {err})") from None
 
@@ -710,7 +774,8 @@ def read_round(run_dir: Path, k: int, *, quality: bool = True, config: Mapping[s
                  total_flops=float(compute["total_flops"]), trees=int(search.get("trees", 0)),
                  search_generated_tokens=int((search.get("compute") or {}).get("generated_tokens", 0)),
                  pairs=None if pairs is None else len(pairs), pairs_digest=None if pairs is None else pairs_digest(pairs),
-                 quality=q, q_ranked=q_ranked, q_ranking=q_ranking, train=train)
+                 quality=q, q_ranked=q_ranked, q_ranking=q_ranking, train=train,
+                 shape=None if pairs is None else pair_shape(pairs, str((config or {}).get("prompt.step_separator", "\n"))))
 
 
 def missing_round_files(run_dir: Path, rounds: int, needs_eval: bool) -> list[Path]:
@@ -834,6 +899,10 @@ def _share_band(points: Sequence[Point], attr: str, which: str = "quality") -> B
     return mean_band([getattr(q, attr) for q in found if q is not None and getattr(q, attr) is not None])
 
 
+def _shape_band(points: Sequence[Point], attr: str) -> Band | None:
+    return mean_band([getattr(p.shape, attr) for p in points if p.shape is not None])
+
+
 def _train_band(points: Sequence[Point], attr: str) -> Band | None:
     return mean_band([getattr(p.train, attr) for p in points if p.train is not None and not p.train.skipped
                       and getattr(p.train, attr) is not None])
@@ -866,6 +935,12 @@ def summarize_position(group: Group, position: int, tasks: Sequence[str]) -> dic
         "q_ranked_informed_chosen_good": band_dict(_share_band(rounds, "informed_chosen_share", "q_ranking")),
         "q_ranked_informed_random": band_dict(_share_band(rounds, "informed_random_share", "q_ranking")),
         "unmatched_pairs": sum(p.quality.unmatched for p in rounds if p.quality is not None),
+        "pair_depth": band_dict(_shape_band(rounds, "mean_depth")),
+        "pairs_at_root": band_dict(_shape_band(rounds, "root_share")),
+        "chosen_steps": band_dict(_shape_band(rounds, "chosen_steps")),
+        "rejected_steps": band_dict(_shape_band(rounds, "rejected_steps")),
+        "answer_tokens": {t: band_dict(mean_band([p.evals[t].tokens_per_problem for p in points if t in p.evals
+                                                  and p.evals[t].tokens_per_problem is not None])) for t in tasks},
         "train_final_loss": band_dict(_train_band(rounds, "final_loss")),
         "train_reward_margin": band_dict(_train_band(rounds, "reward_margin")),
         "train_reward_accuracy": band_dict(_train_band(rounds, "reward_accuracy")),
@@ -892,7 +967,7 @@ def summarize(groups: Sequence[Group]) -> dict[str, Any]:
     tasks = eval_tasks(groups)
     out = []
     for g in groups:
-        entry = {"label": g.label, "kind": g.kind, "diff": dict(g.diff), "seeds": g.seeds,
+        entry = {"label": g.label, "config_label": g.config_label, "kind": g.kind, "diff": dict(g.diff), "seeds": g.seeds,
                  "runs": [str(r.path) for r in g.runs]}
         if g.kind == "iterate":
             positions = sorted({p.position for r in g.runs for p in r.points})
@@ -972,6 +1047,10 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
              "Mean over seeds with a 95% band in brackets: a t-interval over seeds when a group has two or "
              "more, else the run's 95% Wilson interval (accuracy) or none. Accuracies in %; pair quality = "
              "share of chosen steps on a path to a correct answer / of rejected steps on none.", ""]
+    named = [g for g in summary["groups"] if g["label"] != g.get("config_label", g["label"])]
+    if named:
+        parts += ["## Groups", "", _table(["group", "differs in", "runs"],
+                                          [[g["label"], g["config_label"], str(len(g["runs"]))] for g in named]), ""]
     iterate = [g for g in summary["groups"] if g["kind"] == "iterate"]
     if iterate:
         head = ["group", "seeds", "point", "cum. FLOPs", *[f"{t} acc" for t in tasks], "pairs", "pairs/tree",
@@ -1001,6 +1080,19 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
                       "a child picked at random.",
                       "", _table(["group", "seeds", "point", "pairs/tree", "chosen good", "rejected good", "informed",
                                   "informed: chosen good", "informed: random"], q_rows), ""]
+        s_rows = [[g["label"], ",".join(map(str, g["seeds"])), p["label"], _cell(p.get("pair_depth"), 1.0, ".2f"),
+                   _cell(p.get("pairs_at_root"), 100.0, ".0f"), _cell(p.get("chosen_steps"), 1.0, ".2f"),
+                   _cell(p.get("rejected_steps"), 1.0, ".2f"),
+                   *[_cell((p.get("answer_tokens") or {}).get(t), 1.0, ".1f") for t in tasks]]
+                  for g in iterate for p in g["points"]]
+        if any(c != "-" for r in s_rows for c in r[3:]):
+            parts += ["## Pairs and answers", "",
+                      "Where the pairs branch (pair depth: steps already in the prompt; at root: pairs whose prompt is "
+                      "the question alone), how many steps their chosen and rejected sides have, and how long the "
+                      "evaluated policy's answers are (generated tokens per evaluation problem). A source whose chosen "
+                      "sides are longer than its rejected ones teaches longer answers.",
+                      "", _table(["group", "seeds", "point", "pair depth", "at root (%)", "chosen steps",
+                                  "rejected steps", *[f"{t} tok/answer" for t in tasks]], s_rows), ""]
     evaluate = [g for g in summary["groups"] if g["kind"] == "evaluate"]
     if evaluate:
         head = ["group", "seeds", "task", "mode", "k", "simulations", "accuracy", "train FLOPs", "inference FLOPs"]
@@ -1340,11 +1432,16 @@ def draw(kinds: Sequence[str], groups: Sequence[Group], summary: Mapping[str, An
     return plots
 
 
-def analyze(args: Sequence[str], out: Path, kind: str = "auto") -> dict[str, Any]:
-    """Load, group, summarize, plot and write PREFIX.md / PREFIX.json; returns the summary."""
+def analyze(args: Sequence[str], out: Path, kind: str = "auto", labels: str = "config") -> dict[str, Any]:
+    """Load, group, summarize, plot and write PREFIX.md / PREFIX.json; returns the summary. labels:
+    "config" (the config keys that differ between groups) or "names" (the runs' names, `name_labels`)."""
     if kind not in KINDS:
         raise AnalysisError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
+    if labels not in LABELS:
+        raise AnalysisError(f"--labels {labels}: expected one of {', '.join(LABELS)}")
     groups = group_runs(load_runs(args))
+    if labels == "names":
+        groups = name_labels(groups)
     summary = summarize(groups)
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = draw(wanted(kind, groups), groups, summary, out)
@@ -1360,10 +1457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories, globs, or folders holding runs")
     parser.add_argument("--out", required=True, type=Path, help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX_*.png")
     parser.add_argument("--kind", default="auto", choices=KINDS, help="which plot (auto: every one that applies)")
+    parser.add_argument("--labels", default="config", choices=LABELS,
+                        help="group labels: the config keys that differ (config) or the runs' names without the seed (names)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = analyze(args.runs, args.out, args.kind)
+        summary = analyze(args.runs, args.out, args.kind, args.labels)
     except AnalysisError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

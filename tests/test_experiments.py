@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import ROOT
 from harness.settings import load_settings
-from mcts.pairs import PairsConfig, extract_pairs
+from mcts.pairs import PairsConfig, extract_pairs, read_pairs
 from mcts.sampling import outcome_pairs
 from mcts.tree import ROOT as ROOT_ID
 from mcts.tree import Tree, dumps_tree
@@ -270,7 +270,7 @@ def eval_entry(task: str, correct: int, n: int = 10, flops: float = 10.0, mode: 
     p = correct / n
     records = [{"id": f"q{i}", "correct": i < correct} for i in range(n)]
     return {"task": task, "mode": mode, "n": n, "correct": correct, "accuracy": p, "ci95": [max(0, p - 0.2), min(1, p + 0.2)],
-            "compute": {"flops": flops}, "records": records, **extra}
+            "compute": {"flops": flops, "generated_tokens": 100 * n + 10 * correct}, "records": records, **extra}
 
 
 def fake_run(path: Path, *, seed: int, rounds: int = 2, written: int | None = None, correct=(2, 4, 6),
@@ -355,6 +355,11 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
     md = Path(f"{out}.md").read_text()
     assert "train.loss_type=ipo" in md and "3 runs trained on the same pairs" in md
     assert "## Q-ranked pairs from the same trees" in md
+    # answers: 100 tokens per problem + 10 per right answer over 10 problems; the fake pairs' shape
+    assert [p["answer_tokens"]["arith_test"]["mean"] for p in dpo["points"]] == [102.0, 105.0, 107.0]
+    shape = an.pair_shape(read_pairs(runs / "dpo-s0" / "round_0" / "pairs.jsonl"))
+    assert dpo["points"][1]["pair_depth"]["mean"] == shape.mean_depth
+    assert "## Pairs and answers" in md and "| 102.0 [102.0, 102.0] |" in md
     # paired: ipo (seed 0 only) against sigmoid's seed 0 on the same problems: 5 vs 4, then 6 vs 6 right
     paired = [d for d in summary["paired"] if d["task"] == "arith_test"]
     assert [(d["base"], d["other"], d["point"], list(d["seeds"]), d["diff"], d["other_only"]) for d in paired] == [
@@ -362,6 +367,38 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
         ("train.loss_type=sigmoid", "train.loss_type=ipo", "round 1", [0], 0.0, 0)]
     assert "## Paired differences" in md and "+10.0 [" in md and "+0.0 [+0.0, +0.0]" in md
     assert json.loads(Path(f"{out}.json").read_text())["groups"][0]["label"]
+
+
+def test_groups_labelled_by_run_names(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "wide-seed0", seed=0, simulations=8, rounds=1)
+    fake_run(runs / "wide-seed1", seed=1, simulations=8, rounds=1)
+    fake_run(runs / "narrow-seed0", seed=0, rounds=1)
+    summary = an.analyze([str(runs)], tmp_path / "out", labels="names")
+    assert sorted(g["label"] for g in summary["groups"]) == ["narrow", "wide"]
+    assert {g["label"]: g["config_label"] for g in summary["groups"]}["wide"] == "search.simulations=8"
+    assert summary["paired"][0]["base"] in ("narrow", "wide")
+    md = (tmp_path / "out.md").read_text()
+    assert "## Groups" in md and "| wide | search.simulations=8 | 2 |" in md
+    assert "## Groups" not in an.markdown(an.analyze([str(runs)], tmp_path / "cfg"), [])  # config labels: no legend
+
+    def group(*names):
+        return an.Group("iterate", {}, tuple(an.Run(Path(n), "iterate", {"run.name": n}) for n in names), {"k": len(names)})
+    named = an.name_labels([group("exp/a-seed0", "exp/a-seed1"), group("exp/b_seed2"), group("exp/c-seed0", "exp/d-seed1"),
+                            group("exp/e"), group("exp/e-seed1")])
+    # the shared folder goes; runs whose names disagree, and two groups named alike, keep the config label
+    assert [g.label for g in named] == ["a", "b", "k=2", "k=1", "k=1"]
+    with pytest.raises(an.AnalysisError, match="--labels"):
+        an.analyze([str(runs)], tmp_path / "x", labels="nicknames")
+
+
+def test_pair_shape():
+    pairs = [{"depth": 0, "chosen": "a = 1.\nb = 2.\nThe answer is 2.", "rejected": "The answer is 3."},
+             {"depth": 2, "chosen": "The answer is 2.", "rejected": "c = 4.\n\nThe answer is 4.\n"}]
+    shape = an.pair_shape(pairs)
+    assert shape == an.PairShape(pairs=2, mean_depth=1.0, root_share=0.5, chosen_steps=2.0, rejected_steps=1.5)
+    assert an.pair_shape(pairs, " ").chosen_steps == 6.0  # words: 8 and 4
+    assert an.pair_shape([]) is None
 
 
 def test_search_series_leave_out_the_sampling_source(tmp_path):
