@@ -424,20 +424,20 @@ def canonical(value: Any) -> str:
 
 
 def _key_value(config: Mapping[str, Any], key: str, whole: Mapping[str, Any]) -> str | None:
-    """The key's canonical value in `config` (`whole` without its idle keys); "<unset>" when `whole`
-    has the key's group (e.g. other search.* keys) but not the key (a run from before the key
-    existed); None when the key is idle or `whole` lacks its group."""
+    """The key's canonical value in `config` (`whole` without its idle keys); null when `whole` has
+    the key's group (e.g. other search.* keys) but not the key (a run from before the key existed:
+    a new option's null is how the run behaved); None when the key is idle or `whole` lacks its group."""
     if key in config:
         return canonical(config[key])
     if key in whole:
         return None
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else None
-    return "<unset>" if prefix and any(k.startswith(prefix) for k in whole) else None
+    return canonical(None) if prefix and any(k.startswith(prefix) for k in whole) else None
 
 
 def differing_keys(configs: Sequence[Mapping[str, Any]], wholes: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
     """Keys that take more than one value among the `configs` that have them (a key missing from a
-    config that has its group counts as the value "<unset>"; `wholes`: the configs with their idle
+    config that has its group counts as null; `wholes`: the configs with their idle
     keys, which count as missing values), sorted; if those do not tell the configs apart, keys whose
     presence differs too."""
     wholes = configs if wholes is None else wholes
@@ -481,11 +481,14 @@ def name_labels(groups: Sequence[Group]) -> list[Group]:
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Runs grouped by their config without seeds, names and paths; labels from the keys that differ
-    between the groups of the same kind. Order: first appearance."""
+    """Runs grouped by their config without seeds, names and paths (a key set to null counts as
+    missing); labels from the keys that differ between the groups of the same kind. Order: first
+    appearance."""
     buckets: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        buckets.setdefault((run.kind, canonical(run.group_config)), []).append(run)
+        # a null option (off, or its default) groups with runs from before the option existed
+        set_keys = {k: v for k, v in run.group_config.items() if v is not None}
+        buckets.setdefault((run.kind, canonical(set_keys)), []).append(run)
     groups = []
     for kind in ("iterate", "evaluate"):
         members = [(cfg, rs) for (k, cfg), rs in buckets.items() if k == kind]
@@ -493,7 +496,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         keys = differing_keys(configs, [rs[0].config for _, rs in members])
         for config, rs in zip(configs, [rs for _, rs in members]):
             ordered = tuple(sorted(rs, key=lambda r: canonical(r.seed)))
-            groups.append(Group(kind, config, ordered, {k: config[k] for k in keys if k in config}))
+            found = [{k: r.group_config[k] for k in keys if k in r.group_config} for r in ordered]
+            groups.append(Group(kind, config, ordered, {k: next(f[k] for f in found if k in f)
+                                                        for k in keys if any(k in f for f in found)}))
     return groups
 
 

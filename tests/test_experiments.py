@@ -210,14 +210,21 @@ def test_grouping_drops_seeds_names_and_paths():
     groups = an.group_runs([run(0, 1e-5, "a"), run(1, 1e-5, "b"), run(0, 1e-6, "c")])
     assert [(g.label, len(g.runs), g.seeds) for g in groups] == [
         ("train.learning_rate=1e-05", 2, [0, 1]), ("train.learning_rate=1e-06", 1, [0])]
+    # a new option left null groups with runs from before it existed; set, it is a group of its own
+    new = [an.Run(path=Path(f"n{v}"), kind="iterate", config={**run(2, 1e-5, f"n{v}").config, "pairs.max_depth": v})
+           for v in (None, 0)]
+    groups = an.group_runs([run(0, 1e-5, "a"), run(1, 1e-5, "b"), *new])
+    assert [(g.label, g.seeds) for g in groups] == [("pairs.max_depth=None", [0, 1, 2]), ("pairs.max_depth=0", [2])]
+    old_only = an.group_runs([run(0, 1e-5, "a"), new[1]])  # no run of the first group has the key
+    assert [(g.label, g.seeds) for g in old_only] == [("all runs", [0]), ("pairs.max_depth=0", [2])]
     assert an.differing_keys([{"a": 1, "b": [1]}, {"a": 1, "b": [1, 2]}, {"a": 1}]) == ["b"]
     assert an.short_value("model.path", "runs/x/round_2/policy") == "x/round_2"
     assert an.short_value("prompt.step_separator", "\n") == '"\\n"'
     assert an.canonical({"margin": 0}) == an.canonical({"margin": 0.0}) != an.canonical({"margin": False})
-    # a key missing from a config that has its group: a run from before the key existed ("<unset>")
+    # a key missing from a config that has its group: a run from before the key existed (null)
     assert an.differing_keys([{"s.a": 1, "s.new": False}, {"s.a": 1}]) == ["s.new"]
     assert an.differing_keys([{"s.a": 1, "s.new": False}, {"t.b": 1}]) == ["s.a", "s.new", "t.b"]  # fallback: presence
-    # idle keys (present in the whole config, dropped from the group config) are not "<unset>"
+    # idle keys (present in the whole config, dropped from the group config) are not null
     assert an.differing_keys([{"s.a": 1, "p.x": 1}, {"p.x": 2}], [{"s.a": 1, "p.x": 1}, {"s.a": 9, "p.x": 2}]) == ["p.x"]
 
 
