@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from harness.config import ConfigError
 from harness.settings import load_settings
@@ -19,6 +21,17 @@ def settings(config_name: str, overrides: list[str]):
         return load_settings(compose(config_name=config_name, overrides=overrides))
 
 
+def job_settings(config_name: str, overrides: list[str]):
+    """The settings a job of `python iterate.py -m ...` sees: with Hydra's runtime config set, so that
+    `${hydra:runtime.choices.<group>}` resolves as in a real run."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return load_settings(cfg)
+
+
 @pytest.mark.parametrize("name", ["iterate", "evaluate", "search_run"])
 def test_entry_configs_compose(name):
     s = settings(name, [])
@@ -27,14 +40,14 @@ def test_entry_configs_compose(name):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(experiment):
-    s = settings("iterate", [f"experiment={experiment}"])
+    s = job_settings("iterate", [f"experiment={experiment}"])
     assert s.run is not None and s.train is not None and s.pairs is not None
 
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS if g != "experiment"
                                           for p in sorted((CONF / g).glob("*.yaml"))])
 def test_every_group_option_composes(group, option):
-    overrides = [f"{group}={option}"]
+    overrides = [f"{group}={option}" if group != "source_arm" else f"+{group}={option}"]  # not in the defaults
     if group == "model" and option == "local":
         overrides.append("model.path=/some/folder")
     if group == "task":
@@ -63,3 +76,18 @@ def test_run_seed_reaches_the_engine():
     assert len(seeds) == 3  # engines ignore per-request seeds on the CPU: the engine seed separates runs
     again = iterate.engine_config(settings("iterate", ["run.seed=1"])).seed
     assert again in seeds and 0 <= again < 2**31
+
+
+@pytest.mark.parametrize("arm", sorted(p.stem for p in (CONF / "source_arm").glob("*.yaml")))
+def test_source_compare96_arms(arm):
+    s = job_settings("iterate", ["experiment=source_compare96", f"source_arm={arm}", "run.seed=2"])
+    assert s.run.name == f"source_compare96/{arm}-seed2" and s.run.dir == f"runs/source_compare96/{arm}-seed2"
+    assert (s.run.rounds, s.run.problems_per_round, s.pairs.max_pairs_per_tree, s.train.conservative) == (1, 96, 2, False)
+    assert s.pairs.source == ("sampling" if arm == "sampling" else "mcts")
+    solver = arm.startswith("mcts_solver")
+    assert (s.search.revisit_validated, s.search.max_tokens_per_tree) == ((False, 400) if solver else (True, 0))
+    assert (s.pairs.max_depth, s.pairs.all_rejected) == ((0, True) if arm == "mcts_solver_root" else (None, False))
+    assert s.pairs.match_steps == (arm == "mcts_solver_matchsteps")
+    import yaml
+    swept = yaml.safe_load((CONF / "experiment" / "source_compare96.yaml").read_text())["hydra"]["sweeper"]["params"]
+    assert arm in swept["source_arm"].split(",")
