@@ -119,10 +119,32 @@ class EvalPoint:
     """problem id -> answered correctly (eval.json's records), for paired comparisons."""
     generated_tokens: int = 0
     """tokens the evaluated policy generated for the task (eval.json's compute)."""
+    run_on: int | None = None
+    """answers that go on after their first answer line (`runs_on`); None when records hold no outputs."""
 
     @property
     def tokens_per_problem(self) -> float | None:
         return self.generated_tokens / self.n if self.n and self.generated_tokens else None
+
+    @property
+    def run_on_share(self) -> float | None:
+        return self.run_on / self.n if self.n and self.run_on is not None else None
+
+
+def runs_on(output: str, prefix: str = "The answer is") -> bool:
+    """Whether an answer goes on after the line that first states its answer (`prefix`, matched as
+    the answer extractor matches it): the policy did not stop where the search's terminal step ends."""
+    m = re.compile(r"\s+".join(re.escape(w) for w in prefix.split()), re.IGNORECASE).search(output)
+    if not m:
+        return False
+    end = output.find("\n", m.end())
+    return end >= 0 and bool(output[end:].strip())
+
+
+def count_run_on(records: Any, prefix: str) -> int | None:
+    outputs = [r.get("output") for r in records if isinstance(r, Mapping)] if isinstance(records, list) else []
+    outputs = [o for o in outputs if isinstance(o, str)]
+    return sum(runs_on(o, prefix) for o in outputs) if outputs else None
 
 
 @dataclass(frozen=True)
@@ -697,14 +719,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return flatten(data)
 
 
-def eval_point(name: str, data: Any, path: Path) -> EvalPoint:
+def eval_point(name: str, data: Any, path: Path, prefix: str = "The answer is") -> EvalPoint:
     try:
         return EvalPoint(task=str(data.get("task", name)), accuracy=float(data["accuracy"]),
                          ci95=(float(data["ci95"][0]), float(data["ci95"][1])), n=int(data["n"]),
                          correct=int(data["correct"]), flops=float(data["compute"]["flops"]),
                          mode=str(data.get("mode", "greedy")), k=data.get("k"),
                          outcomes=record_outcomes(data.get("records") or [], f"{path}: entry {name!r}"),
-                         generated_tokens=int(data["compute"].get("generated_tokens") or 0))
+                         generated_tokens=int(data["compute"].get("generated_tokens") or 0),
+                         run_on=count_run_on(data.get("records"), prefix))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise AnalysisError(f"{path}: entry {name!r} is not an evaluation result (missing or bad {err})") from None
 
@@ -721,11 +744,13 @@ def record_outcomes(records: Any, where: str) -> dict[str, bool]:
     return out
 
 
-def read_evals(path: Path) -> dict[str, EvalPoint]:
+def read_evals(path: Path, config: Mapping[str, Any] | None = None) -> dict[str, EvalPoint]:
+    """An iterate run's eval.json; `config` (flattened) gives each task's answer prefix."""
     data = read_json_file(path)
     if not isinstance(data, dict):
         raise AnalysisError(f"{path}: expected {{task: result}}")
-    return {name: eval_point(name, r, path) for name, r in data.items()}
+    return {name: eval_point(name, r, path, str((config or {}).get(f"eval_tasks.{name}.answer_prefix") or "The answer is"))
+            for name, r in data.items()}
 
 
 def train_summary(data: Mapping[str, Any], path: Path) -> TrainSummary:
@@ -762,7 +787,7 @@ def read_round(run_dir: Path, k: int, *, quality: bool = True, config: Mapping[s
     compute = read_json_file(rd / "compute.json")
     if not isinstance(compute, dict) or "total_flops" not in compute:
         raise AnalysisError(f"{rd / 'compute.json'}: no total_flops")
-    evals = read_evals(rd / "eval.json") if (rd / "eval.json").is_file() else {}
+    evals = read_evals(rd / "eval.json", config) if (rd / "eval.json").is_file() else {}
     search = read_json_file(rd / "search.json") if (rd / "search.json").is_file() else {}
     train = train_summary(read_json_file(rd / "train.json"), rd / "train.json") if (rd / "train.json").is_file() else None
     pairs = read_lines_file(rd / "pairs.jsonl", read_pairs) if (rd / "pairs.jsonl").is_file() else None
@@ -804,7 +829,7 @@ def load_iterate_run(run_dir: Path, *, quality: bool = True) -> Run | None:
         return None
     points = []
     if (run_dir / INITIAL / "eval.json").is_file():
-        points.append(Point(position=0, evals=read_evals(run_dir / INITIAL / "eval.json")))
+        points.append(Point(position=0, evals=read_evals(run_dir / INITIAL / "eval.json", config)))
     points.extend(read_round(run_dir, k, quality=quality, config=config) for k in range(rounds))
     return Run(path=run_dir, kind="iterate", config=config, points=tuple(points))
 
@@ -946,6 +971,8 @@ def summarize_position(group: Group, position: int, tasks: Sequence[str]) -> dic
         "rejected_steps": band_dict(_shape_band(rounds, "rejected_steps")),
         "answer_tokens": {t: band_dict(mean_band([p.evals[t].tokens_per_problem for p in points if t in p.evals
                                                   and p.evals[t].tokens_per_problem is not None])) for t in tasks},
+        "run_on": {t: band_dict(mean_band([p.evals[t].run_on_share for p in points if t in p.evals
+                                           and p.evals[t].run_on_share is not None])) for t in tasks},
         "train_final_loss": band_dict(_train_band(rounds, "final_loss")),
         "train_reward_margin": band_dict(_train_band(rounds, "reward_margin")),
         "train_reward_accuracy": band_dict(_train_band(rounds, "reward_accuracy")),
@@ -1088,16 +1115,20 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
         s_rows = [[g["label"], ",".join(map(str, g["seeds"])), p["label"], _cell(p.get("pair_depth"), 1.0, ".2f"),
                    _cell(p.get("pairs_at_root"), 100.0, ".0f"), _cell(p.get("chosen_steps"), 1.0, ".2f"),
                    _cell(p.get("rejected_steps"), 1.0, ".2f"),
-                   *[_cell((p.get("answer_tokens") or {}).get(t), 1.0, ".1f") for t in tasks]]
+                   *[_cell((p.get("answer_tokens") or {}).get(t), 1.0, ".1f") for t in tasks],
+                   *[_cell((p.get("run_on") or {}).get(t), 100.0, ".0f") for t in tasks]]
                   for g in iterate for p in g["points"]]
         if any(c != "-" for r in s_rows for c in r[3:]):
             parts += ["## Pairs and answers", "",
                       "Where the pairs branch (pair depth: steps already in the prompt; at root: pairs whose prompt is "
                       "the question alone), how many steps their chosen and rejected sides have, and how long the "
-                      "evaluated policy's answers are (generated tokens per evaluation problem). A source whose chosen "
-                      "sides are longer than its rejected ones teaches longer answers.",
+                      "evaluated policy's answers are (generated tokens per evaluation problem) and how many of them "
+                      "run on (%): go on after the line that first states their answer, where the search's terminal "
+                      "step ends (the grader takes the last answer stated). A source whose chosen sides are longer "
+                      "than its rejected ones teaches longer answers.",
                       "", _table(["group", "seeds", "point", "pair depth", "at root (%)", "chosen steps",
-                                  "rejected steps", *[f"{t} tok/answer" for t in tasks]], s_rows), ""]
+                                  "rejected steps", *[f"{t} tok/answer" for t in tasks],
+                                  *[f"{t} run-on (%)" for t in tasks]], s_rows), ""]
     evaluate = [g for g in summary["groups"] if g["kind"] == "evaluate"]
     if evaluate:
         head = ["group", "seeds", "task", "mode", "k", "simulations", "accuracy", "train FLOPs", "inference FLOPs"]

@@ -399,6 +399,23 @@ def test_groups_labelled_by_run_names(tmp_path):
         an.analyze([str(runs)], tmp_path / "x", labels="nicknames")
 
 
+def test_run_on_answers():
+    assert not an.runs_on("a = 2.\nThe answer is 2.")
+    assert not an.runs_on("The answer is 2.\n\n  ")  # trailing blank lines are not more text
+    assert an.runs_on("The answer is 2.\nThe answer is 3.")
+    assert an.runs_on("the   answer is 2.\nSo 2 + 2 = 4.")  # matched as the extractor matches it
+    assert not an.runs_on("I think it is 2.\nMaybe 3.")  # no answer line: nothing to run on after
+    assert not an.runs_on("Final: 4.\nThen more.", prefix="The answer is") and an.runs_on("Final: 4.\nThen more.", prefix="Final:")
+    records = [{"id": "a", "correct": True, "output": "The answer is 2."},
+               {"id": "b", "correct": False, "output": "The answer is 2.\nThe answer is 5."}, {"id": "c", "correct": False}]
+    assert an.count_run_on(records, "The answer is") == 1
+    assert an.count_run_on([{"id": "a", "correct": True}], "The answer is") is None  # no outputs stored
+    entry = eval_entry("arith_test", 1, n=2)
+    entry["records"] = records[:2]
+    point = an.eval_point("arith_test", entry, Path("eval.json"))
+    assert point.run_on == 1 and point.run_on_share == 0.5
+
+
 def test_pair_shape():
     pairs = [{"depth": 0, "chosen": "a = 1.\nb = 2.\nThe answer is 2.", "rejected": "The answer is 3."},
              {"depth": 2, "chosen": "The answer is 2.", "rejected": "c = 4.\n\nThe answer is 4.\n"}]
