@@ -242,3 +242,16 @@ def test_autocast_trains_float32_weights(pairs, tiny_model_dir, tmp_path):
     before, after = state_dict(tiny_model_dir), state_dict(out)
     assert all(v.dtype == before[k].dtype for k, v in after.items())  # float32 weights kept
     assert not all(bool((before[k] == after[k]).all()) for k in before)
+
+
+def test_dpo_plus_sft_adds_the_chosen_nll(trained, pairs, tiny_model_dir, tmp_path):
+    """loss_type=[sigmoid, sft] (DPO + NLL on the chosen side, RPO: Pang et al. 2024) trains through our
+    trainer; its first logged loss exceeds plain DPO's by the chosen tokens' NLL under the untrained
+    tiny model (about ln(vocab) per token, several nats), not by nothing."""
+    import dataclasses
+
+    _, plain = trained
+    both = train_dpo(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir), out_dir=str(tmp_path / "p"),
+                     cfg=dataclasses.replace(TINY, loss_type=("sigmoid", "sft")))
+    assert both.steps == plain.steps and all(math.isfinite(v) for v in both.loss_history)
+    assert both.loss_history[0] - plain.loss_history[0] > 2.0
