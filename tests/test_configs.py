@@ -85,7 +85,8 @@ def test_source_compare96_arms(arm):
     assert (s.run.rounds, s.run.problems_per_round, s.pairs.max_pairs_per_tree, s.train.conservative) == (1, 96, 2, False)
     assert s.pairs.source == ("sampling" if arm == "sampling" else "mcts")
     solver = arm.startswith("mcts_solver")
-    assert (s.search.revisit_validated, s.search.max_tokens_per_tree) == ((False, 400) if solver else (True, 0))
+    assert s.search.max_tokens_per_tree == (400 if solver else 0)
+    assert s.search.revisit_validated == (arm == "mcts_reference")  # sampling: the default, idle there
     assert (s.pairs.max_depth, s.pairs.all_rejected) == ((0, True) if arm == "mcts_solver_root" else (None, False))
     assert s.pairs.match_steps == (arm == "mcts_solver_matchsteps")
     import yaml

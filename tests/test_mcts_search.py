@@ -314,7 +314,7 @@ def test_config_validation_and_yaml_defaults():
 
 
 def regression_trees() -> list[dict]:
-    cfg = SearchConfig(simulations=10, breadth_root=3, breadth=2, max_depth=4)
+    cfg = SearchConfig(simulations=10, breadth_root=3, breadth=2, max_depth=4, revisit_validated=True)  # the reference rule, as stored
     problems = [sum_problem([2, 3, 4]), sum_problem([7, 1, 5, 2], pid="hard")]
     return [t.to_json() for t in search(problems, cfg, seed=1234)]
 
