@@ -83,7 +83,8 @@ def test_source_compare96_arms(arm):
     s = job_settings("iterate", ["experiment=source_compare96", f"source_arm={arm}", "run.seed=2"])
     assert s.run.name == f"source_compare96/{arm}-seed2" and s.run.dir == f"runs/source_compare96/{arm}-seed2"
     assert (s.run.rounds, s.run.problems_per_round, s.pairs.max_pairs_per_tree, s.train.conservative) == (1, 96, 2, False)
-    assert s.pairs.source == ("sampling" if arm == "sampling" else "mcts")
+    assert s.pairs.source == ("sampling" if arm.startswith("sampling") else "mcts")
+    assert s.train.loss_type == (("sigmoid", "sft") if arm.endswith("_sft") else ("sigmoid",))
     solver = arm.startswith("mcts_solver")
     assert s.search.max_tokens_per_tree == (400 if solver else 0)
     assert s.search.revisit_validated == (arm == "mcts_reference")  # sampling: the default, idle there
@@ -91,4 +92,4 @@ def test_source_compare96_arms(arm):
     assert s.pairs.match_steps == (arm == "mcts_solver_matchsteps")
     import yaml
     swept = yaml.safe_load((CONF / "experiment" / "source_compare96.yaml").read_text())["hydra"]["sweeper"]["params"]
-    assert arm in swept["source_arm"].split(",")
+    assert arm in swept["source_arm"].split(",") or arm.endswith("_sft")  # the _sft arms: run on their own (README)
