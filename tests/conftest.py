@@ -9,6 +9,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def job_settings(config_name: str, overrides: list[str]):
+    """The settings one job of `python iterate.py [-m] ...` sees: composed with Hydra's runtime config
+    set, so that `${hydra:runtime.choices.<group>}` resolves as in a real run. Hydra keeps that config
+    in a process-wide singleton; it is restored afterwards so that no test sees another's."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from harness.settings import load_settings
+
+    holder = HydraConfig.instance()
+    before = holder.cfg
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            holder.set_config(cfg)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            return load_settings(cfg)
+    finally:
+        holder.cfg = before
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

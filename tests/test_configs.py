@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
+from conftest import job_settings
 from harness.config import ConfigError
 from harness.settings import load_settings
 
@@ -19,17 +18,6 @@ GROUPS = [d.name for d in sorted(CONF.iterdir()) if d.is_dir()]
 def settings(config_name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return load_settings(compose(config_name=config_name, overrides=overrides))
-
-
-def job_settings(config_name: str, overrides: list[str]):
-    """The settings a job of `python iterate.py -m ...` sees: with Hydra's runtime config set, so that
-    `${hydra:runtime.choices.<group>}` resolves as in a real run."""
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return load_settings(cfg)
 
 
 @pytest.mark.parametrize("name", ["iterate", "evaluate", "search_run"])

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import ROOT
+from conftest import ROOT, job_settings
 from harness.settings import load_settings
 from mcts.pairs import PairsConfig, extract_pairs, read_pairs
 from mcts.sampling import outcome_pairs
@@ -57,8 +57,7 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
 
 
 def composed(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return load_settings(compose(config_name="iterate", overrides=overrides))
+    return job_settings("iterate", overrides)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
