@@ -108,7 +108,7 @@ class SearchConfig:
     eval_weight: float = 0.5
     backup: str = "mean"
     max_tokens_per_tree: int = 0
-    revisit_validated: bool = False
+    revisit_validated: bool = True
     stepwise: bool = False
     commit_every: int = 4
     leaves_per_tree: int = 1

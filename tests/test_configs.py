@@ -75,7 +75,7 @@ def test_source_compare96_arms(arm):
     assert s.train.loss_type == (("sigmoid", "sft") if arm.endswith("_sft") else ("sigmoid",))
     solver = arm.startswith("mcts_solver")
     assert s.search.max_tokens_per_tree == (400 if solver else 0)
-    assert s.search.revisit_validated == (arm == "mcts_reference")  # sampling: the default, idle there
+    assert s.search.revisit_validated == (not solver)  # the reference rule is the default (idle for sampling)
     assert (s.pairs.max_depth, s.pairs.all_rejected) == ((0, True) if arm == "mcts_solver_root" else (None, False))
     assert s.pairs.match_steps == (arm == "mcts_solver_matchsteps")
     import yaml
