@@ -72,6 +72,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from mcts.pairs import PairsConfig, extract_pairs, outcome_reach, read_pairs  # noqa: E402
 from mcts.tree import Node, Tree, read_trees  # noqa: E402
+from tasks.extract import prefix_pattern  # noqa: E402
 
 log = logging.getLogger("analyze")
 
@@ -134,7 +135,7 @@ class EvalPoint:
 def runs_on(output: str, prefix: str = "The answer is") -> bool:
     """Whether an answer goes on after the line that first states its answer (`prefix`, matched as
     the answer extractor matches it): the policy did not stop where the search's terminal step ends."""
-    m = re.compile(r"\s+".join(re.escape(w) for w in prefix.split()), re.IGNORECASE).search(output)
+    m = prefix_pattern(prefix).search(output)
     if not m:
         return False
     end = output.find("\n", m.end())

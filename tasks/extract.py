@@ -49,7 +49,9 @@ def last_boxed(text: str) -> str | None:
 
 
 @lru_cache(maxsize=64)
-def _prefix_pattern(prefix: str) -> re.Pattern[str]:
+def prefix_pattern(prefix: str) -> re.Pattern[str]:
+    """The answer prefix as the extractor matches it: any whitespace between its words, any case,
+    an optional colon and bold marker after it."""
     words = [re.escape(w) for w in prefix.split()]
     return re.compile(r"\s+".join(words) + r"\s*:?\s*(?:\*\*\s*)?", re.IGNORECASE)
 
@@ -106,7 +108,7 @@ def extract_answer(text: str, *, prefix: str = "The answer is", answer_format: s
     if not isinstance(text, str) or not text:
         return None
     answer, where = None, -1
-    matches = list(_prefix_pattern(prefix).finditer(text))
+    matches = list(prefix_pattern(prefix).finditer(text))
     for m in reversed(matches):
         found = _answer_at(text, m.end(), answer_format)
         if found:
