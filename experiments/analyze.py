@@ -72,7 +72,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from mcts.pairs import PairsConfig, extract_pairs, outcome_reach, read_pairs  # noqa: E402
 from mcts.tree import Node, Tree, read_trees  # noqa: E402
-from tasks.extract import prefix_pattern  # noqa: E402
+from tasks import KINDS as TASK_KINDS  # noqa: E402
+from tasks.checker import answers_equal, letters_equal  # noqa: E402
+from tasks.extract import extract_answer, prefix_pattern  # noqa: E402
 
 log = logging.getLogger("analyze")
 
@@ -122,6 +124,9 @@ class EvalPoint:
     """tokens the evaluated policy generated for the task (eval.json's compute)."""
     run_on: int | None = None
     """answers that go on after their first answer line (`runs_on`); None when records hold no outputs."""
+    first_correct: int | None = None
+    """answers right when graded at their first answer line (`first_answer`), as the search's terminal
+    step ends; None when records hold no outputs or no gold."""
 
     @property
     def tokens_per_problem(self) -> float | None:
@@ -130,6 +135,10 @@ class EvalPoint:
     @property
     def run_on_share(self) -> float | None:
         return self.run_on / self.n if self.n and self.run_on is not None else None
+
+    @property
+    def first_accuracy(self) -> float | None:
+        return self.first_correct / self.n if self.n and self.first_correct is not None else None
 
 
 def runs_on(output: str, prefix: str = "The answer is") -> bool:
@@ -140,6 +149,30 @@ def runs_on(output: str, prefix: str = "The answer is") -> bool:
         return False
     end = output.find("\n", m.end())
     return end >= 0 and bool(output[end:].strip())
+
+
+def first_answer(output: str, prefix: str = "The answer is") -> str:
+    """`output` cut after the line that first states its answer (unchanged without one): the answer the
+    search would have taken, since its terminal step ends on that line."""
+    m = prefix_pattern(prefix).search(output)
+    end = output.find("\n", m.end()) if m else -1
+    return output if end < 0 else output[:end]
+
+
+def count_first_correct(records: Any, prefix: str, answer_format: str) -> int | None:
+    """Records answered right when graded at their first answer line, with the evaluation's own
+    extractor and checker; None unless every record has an output and a gold answer."""
+    if not isinstance(records, list) or not records:
+        return None
+    if not all(isinstance(r, Mapping) and isinstance(r.get("output"), str) and isinstance(r.get("gold"), str)
+               for r in records):
+        return None
+    same = letters_equal if answer_format == "letter" else answers_equal
+    count = 0
+    for r in records:
+        predicted = extract_answer(first_answer(r["output"], prefix), prefix=prefix, answer_format=answer_format)
+        count += predicted is not None and bool(same(r["gold"], predicted))
+    return count
 
 
 def count_run_on(records: Any, prefix: str) -> int | None:
@@ -720,7 +753,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return flatten(data)
 
 
-def eval_point(name: str, data: Any, path: Path, prefix: str = "The answer is") -> EvalPoint:
+def eval_point(name: str, data: Any, path: Path, prefix: str = "The answer is",
+               answer_format: str = "number") -> EvalPoint:
     try:
         return EvalPoint(task=str(data.get("task", name)), accuracy=float(data["accuracy"]),
                          ci95=(float(data["ci95"][0]), float(data["ci95"][1])), n=int(data["n"]),
@@ -728,7 +762,8 @@ def eval_point(name: str, data: Any, path: Path, prefix: str = "The answer is") 
                          mode=str(data.get("mode", "greedy")), k=data.get("k"),
                          outcomes=record_outcomes(data.get("records") or [], f"{path}: entry {name!r}"),
                          generated_tokens=int(data["compute"].get("generated_tokens") or 0),
-                         run_on=count_run_on(data.get("records"), prefix))
+                         run_on=count_run_on(data.get("records"), prefix),
+                         first_correct=count_first_correct(data.get("records"), prefix, answer_format))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise AnalysisError(f"{path}: entry {name!r} is not an evaluation result (missing or bad {err})") from None
 
@@ -746,12 +781,19 @@ def record_outcomes(records: Any, where: str) -> dict[str, bool]:
 
 
 def read_evals(path: Path, config: Mapping[str, Any] | None = None) -> dict[str, EvalPoint]:
-    """An iterate run's eval.json; `config` (flattened) gives each task's answer prefix."""
+    """An iterate run's eval.json; `config` (flattened) gives each task's answer prefix and format."""
     data = read_json_file(path)
     if not isinstance(data, dict):
         raise AnalysisError(f"{path}: expected {{task: result}}")
-    return {name: eval_point(name, r, path, str((config or {}).get(f"eval_tasks.{name}.answer_prefix") or "The answer is"))
+    config = config or {}
+    return {name: eval_point(name, r, path, str(config.get(f"eval_tasks.{name}.answer_prefix") or "The answer is"),
+                             answer_format_of(config, f"eval_tasks.{name}"))
             for name, r in data.items()}
+
+
+def answer_format_of(config: Mapping[str, Any], key: str) -> str:
+    """A task config's answer format: its own, else its kind's, else "number" (as tasks.make_task)."""
+    return str(config.get(f"{key}.answer_format") or TASK_KINDS.get(str(config.get(f"{key}.kind")), "number"))
 
 
 def train_summary(data: Mapping[str, Any], path: Path) -> TrainSummary:
@@ -974,6 +1016,8 @@ def summarize_position(group: Group, position: int, tasks: Sequence[str]) -> dic
                                                   and p.evals[t].tokens_per_problem is not None])) for t in tasks},
         "run_on": {t: band_dict(mean_band([p.evals[t].run_on_share for p in points if t in p.evals
                                            and p.evals[t].run_on_share is not None])) for t in tasks},
+        "first_answer_accuracy": {t: band_dict(mean_band([p.evals[t].first_accuracy for p in points if t in p.evals
+                                                          and p.evals[t].first_accuracy is not None])) for t in tasks},
         "train_final_loss": band_dict(_train_band(rounds, "final_loss")),
         "train_reward_margin": band_dict(_train_band(rounds, "reward_margin")),
         "train_reward_accuracy": band_dict(_train_band(rounds, "reward_accuracy")),
@@ -1117,7 +1161,8 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
                    _cell(p.get("pairs_at_root"), 100.0, ".0f"), _cell(p.get("chosen_steps"), 1.0, ".2f"),
                    _cell(p.get("rejected_steps"), 1.0, ".2f"),
                    *[_cell((p.get("answer_tokens") or {}).get(t), 1.0, ".1f") for t in tasks],
-                   *[_cell((p.get("run_on") or {}).get(t), 100.0, ".0f") for t in tasks]]
+                   *[_cell((p.get("run_on") or {}).get(t), 100.0, ".0f") for t in tasks],
+                   *[_cell((p.get("first_answer_accuracy") or {}).get(t), 100.0) for t in tasks]]
                   for g in iterate for p in g["points"]]
         if any(c != "-" for r in s_rows for c in r[3:]):
             parts += ["## Pairs and answers", "",
@@ -1125,11 +1170,13 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
                       "the question alone), how many steps their chosen and rejected sides have, and how long the "
                       "evaluated policy's answers are (generated tokens per evaluation problem) and how many of them "
                       "run on (%): go on after the line that first states their answer, where the search's terminal "
-                      "step ends (the grader takes the last answer stated). A source whose chosen sides are longer "
-                      "than its rejected ones teaches longer answers.",
+                      "step ends (the grader takes the last answer stated). At first answer: the accuracy had each "
+                      "answer been graded at that line, what run-ons cost or gained. A source whose chosen sides are "
+                      "longer than its rejected ones teaches longer answers.",
                       "", _table(["group", "seeds", "point", "pair depth", "at root (%)", "chosen steps",
                                   "rejected steps", *[f"{t} tok/answer" for t in tasks],
-                                  *[f"{t} run-on (%)" for t in tasks]], s_rows), ""]
+                                  *[f"{t} run-on (%)" for t in tasks],
+                                  *[f"{t} at first answer" for t in tasks]], s_rows), ""]
     evaluate = [g for g in summary["groups"] if g["kind"] == "evaluate"]
     if evaluate:
         head = ["group", "seeds", "task", "mode", "k", "simulations", "accuracy", "train FLOPs", "inference FLOPs"]

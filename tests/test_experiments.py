@@ -415,6 +415,27 @@ def test_run_on_answers():
     assert point.run_on == 1 and point.run_on_share == 0.5
 
 
+def test_accuracy_at_the_first_answer_line():
+    assert an.first_answer("a = 2.\nThe answer is 2.\nb = 3.\nThe answer is 3.") == "a = 2.\nThe answer is 2."
+    assert an.first_answer("The answer is 2.") == "The answer is 2."
+    assert an.first_answer("no answer\nline") == "no answer\nline"
+    records = [{"id": "a", "gold": "2", "correct": False, "output": "The answer is 2.\nThe answer is 5."},  # ran on
+               {"id": "b", "gold": "5", "correct": True, "output": "The answer is 2.\nThe answer is 5."},
+               {"id": "c", "gold": "1,000", "correct": True, "output": "So 1000.\nThe answer is $1000."},
+               {"id": "d", "gold": "7", "correct": False, "output": "I give up."}]
+    assert an.count_first_correct(records, "The answer is", "number") == 2  # a and c; b only at its last line
+    assert an.count_first_correct(records[:1] + [{"id": "x", "correct": True}], "The answer is", "number") is None
+    letters = [{"id": "q", "gold": "B", "correct": False, "output": "Answer: (b)\nAnswer: (C)"}]
+    assert an.count_first_correct(letters, "Answer:", "letter") == 1
+    entry = eval_entry("arith_test", 2, n=4)
+    entry["records"] = records
+    point = an.eval_point("arith_test", entry, Path("eval.json"))
+    assert point.first_correct == 2 and point.first_accuracy == 0.5
+    assert an.answer_format_of({"eval_tasks.m.kind": "math"}, "eval_tasks.m") == "latex"
+    assert an.answer_format_of({"eval_tasks.m.kind": "math", "eval_tasks.m.answer_format": "number"}, "eval_tasks.m") == "number"
+    assert an.answer_format_of({}, "eval_tasks.m") == "number"
+
+
 def test_pair_shape():
     pairs = [{"depth": 0, "chosen": "a = 1.\nb = 2.\nThe answer is 2.", "rejected": "The answer is 3."},
              {"depth": 2, "chosen": "The answer is 2.", "rejected": "c = 4.\n\nThe answer is 4.\n"}]
