@@ -107,7 +107,7 @@ class TrainConfig:
     logging_steps: optimizer steps between logged losses (loss_history has one value per log).
     """
 
-    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_type: tuple[str, ...] = ("sigmoid", "sft")
     loss_weights: tuple[float, ...] | None = None
     beta: float = 0.1
     learning_rate: float = 1e-5
