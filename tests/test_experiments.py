@@ -536,7 +536,7 @@ def test_analysis_of_a_loss_variant_and_the_seeds_reaching_the_search(smoke_runs
     out = tmp_path / "three"
     summary = an.analyze([str(smoke_runs)], out)
     labels = sorted(g["label"] for g in summary["groups"])
-    assert labels == ["train.loss_type=ipo", "train.loss_type=sigmoid"]
+    assert labels == ["train.loss_type=ipo", "train.loss_type=sigmoid,sft"]  # c against the default loss
     assert Path(f"{out}_loss.png").is_file() and Path(f"{out}_loss_summary.png").is_file()
     assert Path(f"{out}_rewards.png").is_file()  # train.json carries the reward curves
     digests = {name: an.load_iterate_run(smoke_runs / name).points[1].pairs_digest for name in "abc"}
