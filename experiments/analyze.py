@@ -73,8 +73,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from mcts.pairs import PairsConfig, extract_pairs, outcome_reach, read_pairs  # noqa: E402
 from mcts.tree import Node, Tree, read_trees  # noqa: E402
 from tasks import KINDS as TASK_KINDS  # noqa: E402
-from tasks.checker import answers_equal, letters_equal  # noqa: E402
 from tasks.extract import extract_answer, prefix_pattern  # noqa: E402
+from tasks.task import answer_matches  # noqa: E402
 
 log = logging.getLogger("analyze")
 
@@ -144,11 +144,7 @@ class EvalPoint:
 def runs_on(output: str, prefix: str = "The answer is") -> bool:
     """Whether an answer goes on after the line that first states its answer (`prefix`, matched as
     the answer extractor matches it): the policy did not stop where the search's terminal step ends."""
-    m = prefix_pattern(prefix).search(output)
-    if not m:
-        return False
-    end = output.find("\n", m.end())
-    return end >= 0 and bool(output[end:].strip())
+    return bool(output[len(first_answer(output, prefix)):].strip())
 
 
 def first_answer(output: str, prefix: str = "The answer is") -> str:
@@ -167,12 +163,9 @@ def count_first_correct(records: Any, prefix: str, answer_format: str) -> int | 
     if not all(isinstance(r, Mapping) and isinstance(r.get("output"), str) and isinstance(r.get("gold"), str)
                for r in records):
         return None
-    same = letters_equal if answer_format == "letter" else answers_equal
-    count = 0
-    for r in records:
-        predicted = extract_answer(first_answer(r["output"], prefix), prefix=prefix, answer_format=answer_format)
-        count += predicted is not None and bool(same(r["gold"], predicted))
-    return count
+    return sum(answer_matches(r["gold"], extract_answer(first_answer(r["output"], prefix), prefix=prefix,
+                                                        answer_format=answer_format), answer_format)
+               for r in records)
 
 
 def count_run_on(records: Any, prefix: str) -> int | None:

@@ -68,6 +68,15 @@ _SHOTS = {
 }
 
 
+def answer_matches(gold: str, predicted: str | None, answer_format: str) -> bool:
+    """The grading rule of every task: letters compare as letters, numbers and LaTeX with the checker."""
+    if predicted is None:
+        return False
+    if answer_format == "letter":
+        return letters_equal(gold, predicted)
+    return answers_equal(gold, predicted)
+
+
 def few_shot_examples(answer_format: str, k: int, *, prefix: str) -> tuple[Example, ...]:
     """The first `k` built-in examples for `answer_format`, their last line "<prefix> <answer>."."""
     shots = _SHOTS[answer_format]
@@ -107,11 +116,7 @@ class AnswerTask:
         return extract_answer(text, prefix=self.answer_prefix, answer_format=self.answer_format)
 
     def is_correct(self, predicted: str | None, problem: Problem) -> bool:
-        if predicted is None:
-            return False
-        if self.answer_format == "letter":
-            return letters_equal(problem.answer, predicted)
-        return answers_equal(problem.answer, predicted)
+        return answer_matches(problem.answer, predicted, self.answer_format)
 
     def __repr__(self) -> str:
         return f"AnswerTask(name={self.name!r}, answer_format={self.answer_format!r})"
