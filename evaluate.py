@@ -34,13 +34,14 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(s.out_dir or ".")
     model_path = resolve_model_path(s.model)
     params = s.model.params or count_parameters(model_path)
-    task = make_task(s.task)
+    task = make_task(s.task, s.tool)
     problems = slice_problems(task.problems(), s.eval.limit, s.eval.seed)
     formatter = PromptFormatter(load_tokenizer(model_path), task, s.prompt)
     backend = make_backend(s.backend, model_path)
     try:
         result = evaluate_problems(task, problems, backend=backend, formatter=formatter, gen=s.generation,
-                                   cfg=s.eval, search=s.search, params=params, seed=s.eval.seed or 0)
+                                   cfg=s.eval, search=s.search, params=params, seed=s.eval.seed or 0,
+                                   tool=s.tool)
     finally:
         backend.close()
     result["model"] = model_path

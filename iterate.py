@@ -85,13 +85,14 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
     whose tree is already on disk are skipped (a half-written last line is dropped)."""
     if rd.search_done.is_file():
         return read_json(rd.search_done)
+    started = time.time()
     done = {t.problem.id for t in read_trees(rd.trees)} if truncate_partial_line(rd.trees) else set()
     todo = [p for p in problems if p.id not in done]
     if done:
         log.info("round %d: %d trees already on disk, searching the other %d", k, len(done), len(todo))
     if todo:
         policy = StepPolicy(engine.serve(policy_path), formatter, s.generation,
-                            eval_with_reference=s.search.eval_with_reference)
+                            eval_with_reference=s.search.eval_with_reference, tool=s.tool)
         rd.path.mkdir(parents=True, exist_ok=True)
         with rd.trees.open("a", encoding="utf-8") as out, \
                 tqdm(total=len(problems), initial=len(done), desc=f"round {k} search", unit="tree") as bar:
@@ -111,6 +112,8 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
     solved = sum(t.solved() for t in trees)
     record = {"trees": len(trees), "solved": solved, "nodes": sum(len(t.nodes) for t in trees),
               "compute": phase_record(params, **compute)}
+    if todo and policy.tool_stats:  # what the sandbox cost in this invocation's search
+        record["tool"] = {**policy.tool_stats, "search_seconds": time.time() - started}
     write_json_atomic(rd.search_done, record)
     return record
 
@@ -153,7 +156,8 @@ def eval_phase(s: Settings, path: Path, policy_path: str, engine: Engine, eval_t
     results = {}
     for name, (task, problems) in eval_tasks.items():
         result = evaluate_problems(task, problems, backend=engine.serve(policy_path), formatter=formatter_for(task),
-                                   gen=s.generation, cfg=s.eval, search=s.search, params=params, seed=seed)
+                                   gen=s.generation, cfg=s.eval, search=s.search, params=params, seed=seed,
+                                   tool=s.tool)
         log.info("%s", summary_line(result))
         results[name] = result
     write_json_atomic(path, results)
@@ -164,7 +168,7 @@ def eval_metrics(results: dict) -> dict:
     return {f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()}
 
 
-SEARCH_FROM_MATCH = ("model", "task", "search", "generation", "prompt", "pairs", "eval", "eval_tasks")
+SEARCH_FROM_MATCH = ("model", "task", "tool", "search", "generation", "prompt", "pairs", "eval", "eval_tasks")
 """Config groups that must be equal in a `run.search_from` source (what makes its round-0 search and pairs)."""
 
 
@@ -194,7 +198,7 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dic
     initial_path = resolve_model_path(s.model)
     params = s.model.params or count_parameters(initial_path)
     tokenizer = load_tokenizer(initial_path)  # the tokenizer never changes across rounds
-    task = make_task(s.task)
+    task = make_task(s.task, s.tool)
     pool = task.problems()
     needed = s.run.rounds * s.run.problems_per_round
     if len(pool) < needed:
@@ -203,7 +207,7 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dic
     formatter = PromptFormatter(tokenizer, task, s.prompt)
     eval_tasks = {}
     for name, tcfg in s.eval_tasks.items():
-        etask = make_task(tcfg)
+        etask = make_task(tcfg, s.tool)
         eval_tasks[name] = (etask, slice_problems(etask.problems(), s.eval.limit, s.eval.seed))
     formatter_for = lambda t: PromptFormatter(tokenizer, t, s.prompt)  # noqa: E731
 

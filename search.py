@@ -39,7 +39,7 @@ def run(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     trees_path = out_dir / "trees.jsonl"
     model_path = resolve_model_path(s.model)
-    task = make_task(s.task)
+    task = make_task(s.task, s.tool)
     problems = slice_problems(task.problems(), s.eval.limit, s.eval.seed)
     done = {t.problem.id for t in read_trees(trees_path)} if truncate_partial_line(trees_path) else set()
     todo = [p for p in problems if p.id not in done]
@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> Path:
         backend = make_backend(s.backend, model_path)
         try:
             policy = StepPolicy(backend, PromptFormatter(load_tokenizer(model_path), task, s.prompt), s.generation,
-                                eval_with_reference=s.search.eval_with_reference and s.search.use_outcome)
+                                eval_with_reference=s.search.eval_with_reference and s.search.use_outcome, tool=s.tool)
             with trees_path.open("a", encoding="utf-8") as out, \
                     tqdm(total=len(problems), initial=len(done), desc="search", unit="tree") as bar:
                 for tree in run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,

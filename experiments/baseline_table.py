@@ -1,12 +1,14 @@
 """Greedy (or sampling) accuracy of one model on several tasks with one engine: the README's baseline table.
 
-    python experiments/baseline_table.py                       # the committed table (default model, vLLM, ~10 min)
-    python experiments/baseline_table.py --limit 50 --tasks arith_test,mawps_singleop
+    python experiments/baseline_table.py                       # the committed table (default model, vLLM)
+    python experiments/baseline_table.py --limit 50 --tasks arith_test,mawps_singleop --tools none,python
     python experiments/baseline_table.py --set model.path=runs/demo/round_1/policy --set model=local --out /tmp/t
 
 Each task is composed from conf/evaluate.yaml exactly as `python evaluate.py task=<name>` would be
 (`--set key=value` adds Hydra overrides to every task), so a row here equals that command's result.
-Generated arithmetic is evaluated over every difficulty (1-4) and broken down by difficulty.
+Generated arithmetic is evaluated over every difficulty (1-4) and broken down by difficulty. Each task
+runs once per `--tools` option (conf/tool: none = chain of thought, python = ToRA-style programs), so
+the table has one accuracy column per tool, plus the share of programs that ran.
 Writes <out>.json (every eval.json without per-problem records) and <out>.md (the table), and prints
 the table.
 """
@@ -49,21 +51,37 @@ def task_overrides(name: str) -> list[str]:
     return [f"task={task}", *extra]
 
 
-def compose_settings(name: str, limit: int | None, sets: list[str]):
-    overrides = [*task_overrides(name), f"eval.limit={'null' if limit is None else limit}", *sets]
+def compose_settings(name: str, limit: int | None, sets: list[str], tool: str = "none"):
+    overrides = [*task_overrides(name), f"eval.limit={'null' if limit is None else limit}", f"tool={tool}", *sets]
     with initialize_config_dir(config_dir=str(ROOT_DIR / "conf"), version_base=None):
         cfg = compose(config_name="evaluate", overrides=overrides)
     return load_settings(cfg)
 
 
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "- | -"
+    low, high = r["ci95"]
+    return f"{100 * r['accuracy']:.1f}% | {100 * low:.1f}-{100 * high:.1f}"
+
+
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| task | mode | problems | accuracy | 95% CI | by difficulty |", "|:---|:---|---:|---:|:---|:---|"]
+    """One line per task: mode, problems, accuracy and interval per tool, programs that ran, difficulties."""
+    tools = list(dict.fromkeys(r.get("tool_name", "none") for r in rows))
+    head = "| task | mode | problems | " + " | ".join(f"accuracy ({t}) | 95% CI" for t in tools)
+    head += " | programs ran | by difficulty |"
+    lines = [head, "|:---|:---|---:|" + "---:|:---|" * len(tools) + "---:|:---|"]
+    by_task: dict[str, dict[str, dict]] = {}
     for r in rows:
-        low, high = r["ci95"]
-        levels = ", ".join(f"d{k}: {100 * g['accuracy']:.0f}% ({g['correct']}/{g['n']})"
-                           for k, g in r.get("by_difficulty", {}).items())
-        lines.append(f"| {r['label']} | {r['mode']} | {r['n']} | {100 * r['accuracy']:.1f}% | "
-                     f"{100 * low:.1f}-{100 * high:.1f} | {levels} |")
+        by_task.setdefault(r["label"], {})[r.get("tool_name", "none")] = r
+    for label, per_tool in by_task.items():
+        first = next(iter(per_tool.values()))
+        ran = [f"{100 * (1 - r['tool']['failed'] / r['tool']['calls']):.0f}% of {r['tool']['calls']}"
+               for r in per_tool.values() if r.get("tool", {}).get("calls")]
+        levels = "; ".join(f"{t}: " + ", ".join(f"d{k} {100 * g['accuracy']:.0f}%" for k, g in r["by_difficulty"].items())
+                           for t, r in per_tool.items() if r.get("by_difficulty"))
+        cells = " | ".join(_cell(per_tool.get(t)) for t in tools)
+        lines.append(f"| {label} | {first['mode']} | {first['n']} | {cells} | {', '.join(ran) or '-'} | {levels} |")
     return "\n".join(lines)
 
 
@@ -73,36 +91,40 @@ def main(argv: list[str] | None = None) -> None:
                     "or arith_test_all")
     ap.add_argument("--limit", type=int, default=200, help="problems per task (seeded slice; 0 = all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override for every task")
+    ap.add_argument("--tools", default="none,python", help="comma-separated conf/tool options, one column each")
     ap.add_argument("--out", default=str(ROOT_DIR / "experiments" / "results" / "baseline_greedy"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = args.limit or None
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     with exit_on_user_error():
-        settings = {name: compose_settings(name, limit if name not in ALIASES else None, args.set) for name in names}
-        first = settings[names[0]]
+        settings = {(name, tool): compose_settings(name, limit if name not in ALIASES else None, args.set, tool)
+                    for name in names for tool in tools}
+        first = settings[(names[0], tools[0])]
         model_path = resolve_model_path(first.model)
         params = first.model.params or count_parameters(model_path)
         tokenizer = load_tokenizer(model_path)
         backend = make_backend(first.backend, model_path)
         rows = []
         try:
-            for name in names:
-                s = settings[name]
-                task = make_task(s.task)
+            for (name, tool), s in settings.items():
+                task = make_task(s.task, s.tool)
                 problems = slice_problems(task.problems(), s.eval.limit, s.eval.seed)
                 t0 = time.time()
                 result = evaluate_problems(task, problems, backend=backend,
                                            formatter=PromptFormatter(tokenizer, task, s.prompt), gen=s.generation,
-                                           cfg=s.eval, search=s.search, params=params, seed=s.eval.seed or 0)
+                                           cfg=s.eval, search=s.search, params=params, seed=s.eval.seed or 0,
+                                           tool=s.tool)
                 result.pop("records")
-                result.update(label=name, overrides=task_overrides(name) + args.set, seconds=time.time() - t0)
+                result.update(label=name, tool_name=tool, overrides=task_overrides(name) + [f"tool={tool}", *args.set],
+                              seconds=time.time() - t0)
                 log.info("%s (%.0f s)", summary_line(result), result["seconds"])
                 rows.append(result)
         finally:
             backend.close()
     out = Path(args.out)
-    meta = dict(model=model_path, backend=first.backend.name, limit=limit, sets=args.set,
+    meta = dict(model=model_path, backend=first.backend.name, limit=limit, sets=args.set, tools=tools,
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json_atomic(out.with_suffix(".json"), {"meta": meta, "rows": rows})
     md = table_markdown(rows)

@@ -54,6 +54,8 @@ def build(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
     for key, value in data.items():
         if isinstance(value, list) and _is_tuple_type(hints.get(key)):
             value = tuple(value)
+        elif isinstance(value, Mapping) and dataclasses.is_dataclass(hints.get(key)):
+            value = build(hints[key], value, f"{where}.{key}")  # a nested group, e.g. tool.sandbox
         kwargs[key] = value
     try:
         return cls(**kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 from tqdm import tqdm
@@ -21,6 +21,8 @@ from mcts.types import Problem
 from policy.backends.base import Backend, SamplingSettings
 from policy.prompts import PromptFormatter
 from policy.step_policy import GenerationConfig, StepPolicy
+from policy.tool_use import ToolExecutor, sample_solutions
+from tools.config import ToolConfig
 from tasks.arith import difficulty_of
 
 log = logging.getLogger(__name__)
@@ -92,14 +94,16 @@ def _chunks(items: list, size: int):
 
 
 def _sample_solutions(problems: list[Problem], backend: Backend, formatter: PromptFormatter,
-                      settings: SamplingSettings, batch_size: int, desc: str) -> list[tuple[list[str], int, int, int]]:
-    """Per problem: (texts, generated tokens, prompt tokens, cached tokens)."""
+                      settings: SamplingSettings, batch_size: int, desc: str,
+                      executor: ToolExecutor | None) -> list[tuple[list, int, int, int]]:
+    """Per problem: (samples, generated tokens, prompt tokens, cached tokens); with an executor the
+    solutions run their programs as they write them (policy/tool_use.py)."""
     out = []
     with tqdm(total=len(problems), desc=desc, unit="problem", leave=False) as bar:
         for chunk in _chunks(problems, batch_size):
             prompts = [formatter.solution_prompt(p, ()) for p in chunk]
-            for completion in backend.sample(prompts, settings):
-                out.append(([s.text for s in completion.samples], sum(s.num_tokens for s in completion.samples),
+            for completion in sample_solutions(backend, prompts, settings, executor):
+                out.append((list(completion.samples), sum(s.num_tokens for s in completion.samples),
                             completion.prompt_tokens, completion.cached_tokens))
             bar.update(len(chunk))
     return out
@@ -107,8 +111,9 @@ def _sample_solutions(problems: list[Problem], backend: Backend, formatter: Prom
 
 def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, formatter: PromptFormatter,
                       gen: GenerationConfig, cfg: EvalConfig, search: SearchConfig, params: int,
-                      seed: int = 0) -> dict[str, Any]:
-    """Evaluate on `problems`; returns the eval.json content (accuracy, Wilson CI, records, compute)."""
+                      seed: int = 0, tool: ToolConfig | None = None) -> dict[str, Any]:
+    """Evaluate on `problems`; returns the eval.json content (accuracy, Wilson CI, records, compute).
+    With a tool, every mode runs the solutions' programs in the sandbox; `tool` in the result counts them."""
     if cfg.mode not in MODES:
         raise ValueError(f"eval.mode={cfg.mode!r}: expected one of {', '.join(MODES)}")
     problems = list(problems)
@@ -118,13 +123,16 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
     records: list[dict[str, Any]] = []
     prompt_tokens = generated = cached = 0
     extra: dict[str, Any] = {}
+    executor = ToolExecutor(tool) if tool is not None and tool.enabled else None
     if cfg.mode in ("greedy", "sampling"):
         greedy = cfg.mode == "greedy"
         settings = SamplingSettings(n=1 if greedy else cfg.k, max_tokens=gen.solution_max_tokens,
                                     temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p)
-        outputs = _sample_solutions(problems, backend, formatter, settings, cfg.batch_size, f"eval {task.name}")
+        outputs = _sample_solutions(problems, backend, formatter, settings, cfg.batch_size, f"eval {task.name}",
+                                    executor)
         pass_k = 0
-        for problem, (texts, gen_tok, p_tok, c_tok) in zip(problems, outputs):
+        for problem, (samples, gen_tok, p_tok, c_tok) in zip(problems, outputs):
+            texts = [s.text for s in samples]
             answers = [task.extract(t) for t in texts]
             prediction = answers[0] if greedy else majority_vote(answers, same)
             any_correct = any(task.is_correct(a, problem) for a in answers)
@@ -133,6 +141,8 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
                           correct=task.is_correct(prediction, problem), tokens=gen_tok)
             if greedy:
                 record["output"] = texts[0]
+                if executor is not None:
+                    record["tool_calls"] = [asdict(c) for c in samples[0].tool_calls]
             else:
                 record.update(answers=answers, pass_at_k=any_correct)
             records.append(record)
@@ -143,7 +153,8 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
             extra = {"pass_at_k": pass_k / len(problems), "k": cfg.k}
     else:
         # Inference-time search: self-evaluation only; no gold answer in any prompt.
-        policy = StepPolicy(backend, formatter, gen, eval_with_reference=False)
+        policy = StepPolicy(backend, formatter, gen, eval_with_reference=False, tool=tool)
+        executor = policy.executor
         search_cfg = replace(search, use_outcome=False)
         by_id = {p.id: p for p in problems}
         trees = {}
@@ -168,6 +179,8 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
     by_difficulty = accuracy_by_difficulty(problems, records)
     if by_difficulty:
         extra["by_difficulty"] = by_difficulty
+    if executor is not None:
+        extra["tool"] = executor.stats.as_dict()
     return {
         "task": task.name, "mode": cfg.mode, "n": n, "correct": correct, "accuracy": correct / n,
         "ci95": [low, high], **extra,
@@ -198,6 +211,9 @@ def summary_line(result: dict[str, Any]) -> str:
             f"({result['correct']}/{result['n']}, 95% CI {100 * low:.1f}-{100 * high:.1f})")
     if "pass_at_k" in result:
         line += f", pass@{result['k']} {100 * result['pass_at_k']:.1f}%"
+    if result.get("tool", {}).get("calls"):
+        tool = result["tool"]
+        line += f"; {tool['calls']} programs, {100 * (1 - tool['failed'] / tool['calls']):.0f}% ran"
     if result.get("by_difficulty"):
         line += "; by difficulty " + ", ".join(
             f"d{level} {100 * g['accuracy']:.0f}% ({g['correct']}/{g['n']})" for level, g in result["by_difficulty"].items())

@@ -20,6 +20,7 @@ from policy.models import ModelConfig
 from policy.prompts import PromptConfig
 from policy.step_policy import GenerationConfig
 from tasks import TaskConfig
+from tools.config import ToolConfig
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Settings:
     search: SearchConfig
     eval: EvalConfig
     tracking: TrackingConfig
+    tool: ToolConfig = field(default_factory=ToolConfig)
     task: TaskConfig | None = None
     eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
     pairs: PairsConfig | None = None
@@ -67,7 +69,7 @@ class Settings:
 _GROUPS = {
     "model": ModelConfig, "backend": BackendConfig, "prompt": PromptConfig, "generation": GenerationConfig,
     "search": SearchConfig, "eval": EvalConfig, "tracking": TrackingConfig, "task": TaskConfig,
-    "pairs": PairsConfig, "train": TrainConfig, "run": RunConfig,
+    "pairs": PairsConfig, "train": TrainConfig, "run": RunConfig, "tool": ToolConfig,
 }
 _IGNORED = {"hydra", "experiment"}
 

@@ -34,8 +34,11 @@ from mcts.tree import Node, Tree
 from mcts.types import Problem
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "problem_id", "node_id", "chosen_id", "rejected_id", "depth", "chosen_q",
-             "rejected_q", "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round", "source")
-"""The keys of a pair line (TRL's three columns first)."""
+             "rejected_q", "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round", "source",
+             "chosen_programs", "rejected_programs")
+"""The keys of a pair line (TRL's three columns first). chosen_programs / rejected_programs: programs run
+by the branching step of each side (tool-integrated steps; 0 without tools): a pair branches at a code
+step when either is positive."""
 
 SOURCES = ("mcts", "sampling")
 
@@ -256,6 +259,7 @@ def _add_pair(pairs: list[dict[str, Any]], seen: set[tuple[str, str, str]], tree
         "gap": chosen.q - rejected.q,
         "chosen_terminal": good[-1].terminal, "rejected_terminal": bad[-1].terminal,
         "round": round_index, "source": "mcts",
+        "chosen_programs": len(chosen.tool_calls), "rejected_programs": len(rejected.tool_calls),
     })
 
 
@@ -276,6 +280,7 @@ def pair_stats(pairs: Sequence[dict[str, Any]]) -> dict[str, float | int]:
         "mean_rejected_visits": mean("rejected_visits"),
         "chosen_terminal_share": sum(bool(p.get("chosen_terminal")) for p in pairs) / n,
         "rejected_terminal_share": sum(bool(p.get("rejected_terminal")) for p in pairs) / n,
+        "program_branch_share": sum(bool(p.get("chosen_programs") or p.get("rejected_programs")) for p in pairs) / n,
     }
 
 

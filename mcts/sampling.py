@@ -13,6 +13,7 @@ is "sampling".
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from mcts.search import derive_seed
@@ -36,13 +37,15 @@ def sample_tree(problem: Problem, expansion, *, verifier: Verifier, length_expon
     tree.compute["prompt_tokens"] += expansion.prompt_tokens
     tree.compute["cached_tokens"] += expansion.cached_tokens
     tree.compute["expansions"] += 1
+    tree.compute["tool_calls"] += sum(len(s.tool_calls) for s in samples)
     priors = step_priors([s.logprob for s in samples], [s.num_tokens for s in samples],
                          length_exponent=length_exponent) if samples else []
     for sample, prior in zip(samples, priors):
         answer = verifier.extract(sample.text)
         outcome = 1.0 if verifier.is_correct(answer, problem) else -1.0
         tree.add_child(ROOT, text=sample.text, num_tokens=sample.num_tokens, logprob=sample.logprob, prior=prior,
-                       terminal=True, answer=answer, outcome=outcome, visits=1, value_sum=outcome)
+                       terminal=True, answer=answer, outcome=outcome, visits=1, value_sum=outcome,
+                       tool_calls=[asdict(c) for c in sample.tool_calls])
     tree.root.visits = len(samples)
     tree.root.value_sum = sum(tree.nodes[c].value_sum for c in tree.root.children)
     tree.meta.update(source=SOURCE, samples=len(samples))
@@ -98,5 +101,6 @@ def outcome_pairs(tree: Tree, *, format_prompt: Callable[[Problem, tuple[str, ..
             "chosen_visits": chosen.visits, "rejected_visits": rejected.visits,
             "gap": chosen.q - rejected.q, "chosen_terminal": True, "rejected_terminal": True,
             "round": round_index, "source": SOURCE,
+            "chosen_programs": len(chosen.tool_calls), "rejected_programs": len(rejected.tool_calls),
         })
     return pairs

@@ -295,6 +295,7 @@ def _add_children(tree: Tree, leaf: int, expansion, *, verifier: Verifier, confi
     tree.compute["prompt_tokens"] += expansion.prompt_tokens
     tree.compute["cached_tokens"] += expansion.cached_tokens
     tree.compute["expansions"] += 1
+    tree.compute["tool_calls"] += sum(len(s.tool_calls) for s in samples)
     priors = step_priors([s.logprob for s in samples], [s.num_tokens for s in samples],
                          length_exponent=config.length_exponent)
     depth = tree.nodes[leaf].depth + 1
@@ -304,7 +305,7 @@ def _add_children(tree: Tree, leaf: int, expansion, *, verifier: Verifier, confi
         answer = verifier.extract(s.text)
         terminal = answer is not None or s.finished or depth >= config.max_depth
         child = tree.add_child(leaf, text=s.text, num_tokens=s.num_tokens, logprob=s.logprob, prior=prior,
-                               terminal=terminal, answer=answer)
+                               terminal=terminal, answer=answer, tool_calls=[asdict(c) for c in s.tool_calls])
         ids.append(child.id)
     return ids
 

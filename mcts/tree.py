@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 ROOT = 0
 NO_PARENT = -1
 
-COMPUTE_KEYS = ("generated_tokens", "prompt_tokens", "cached_tokens", "expansions", "evaluations")
+COMPUTE_KEYS = ("generated_tokens", "prompt_tokens", "cached_tokens", "expansions", "evaluations", "tool_calls")
 """Per-tree compute counters: generated/prompt/cached tokens as reported by the engine calls made for
-this tree, the number of expansions (ExpandRequests) and of self-evaluations (EvalRequests)."""
+this tree, the number of expansions (ExpandRequests), of self-evaluations (EvalRequests) and of programs
+run by tool steps."""
 
 NODE_FIELDS = ("id", "parent", "depth", "text", "num_tokens", "logprob", "prior", "self_eval", "outcome",
-               "visits", "q", "value_sum", "terminal", "answer")
+               "visits", "q", "value_sum", "terminal", "answer", "tool_calls")
 """The keys of a node in a tree's JSON line, in order (`q` is derived: value_sum / visits)."""
 
 
@@ -48,6 +49,8 @@ class Node:
     visits, value_sum: backed-up statistics; q = value_sum / visits (0.0 when unvisited).
     terminal: the solution ends here (an answer was stated, generation finished, or the depth limit).
     answer: the final answer extracted from this step's text (None if there is none).
+    tool_calls: the programs this step ran (tool-integrated steps), each a dict with the fields of
+        `mcts.types.ToolCall`: code, output, ok, seconds, error; empty for a plain step.
     children: ids of the children (derived from parent links; not stored in JSON).
     """
 
@@ -64,6 +67,7 @@ class Node:
     value_sum: float = 0.0
     terminal: bool = False
     answer: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     children: list[int] = field(default_factory=list)
 
     @property
@@ -75,7 +79,8 @@ class Node:
         return {"id": self.id, "parent": self.parent, "depth": self.depth, "text": self.text,
                 "num_tokens": self.num_tokens, "logprob": self.logprob, "prior": self.prior,
                 "self_eval": self.self_eval, "outcome": self.outcome, "visits": self.visits, "q": self.q,
-                "value_sum": self.value_sum, "terminal": self.terminal, "answer": self.answer}
+                "value_sum": self.value_sum, "terminal": self.terminal, "answer": self.answer,
+                "tool_calls": [dict(c) for c in self.tool_calls]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Node:
@@ -83,7 +88,8 @@ class Node:
                    num_tokens=int(d.get("num_tokens", 0)), logprob=float(d.get("logprob", 0.0)),
                    prior=float(d.get("prior", 1.0)), self_eval=d.get("self_eval"), outcome=d.get("outcome"),
                    visits=int(d.get("visits", 0)), value_sum=float(d.get("value_sum", 0.0)),
-                   terminal=bool(d.get("terminal", False)), answer=d.get("answer"))
+                   terminal=bool(d.get("terminal", False)), answer=d.get("answer"),
+                   tool_calls=[dict(c) for c in d.get("tool_calls") or []])
 
 
 def empty_compute() -> dict[str, int]:

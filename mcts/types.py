@@ -28,20 +28,42 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One program that a step ran (tool-integrated reasoning, ToRA).
+
+    code: the program as the policy wrote it.
+    output: what the environment showed the policy: stdout (truncated), or the last line of the error.
+    ok: the program exited normally within its limits.
+    seconds: its wall time in the sandbox.
+    error: None when ok, else the class of failure (exception, timeout, memory, ...; tools/sandbox.py).
+    """
+
+    code: str
+    output: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class StepSample:
     """One sampled continuation of a partial solution.
 
-    text: the step text without the trailing stop string (e.g. without the newline).
-    num_tokens: generated tokens for this sample (including a matched stop string's tokens).
-    logprob: summed log-probability of the generated tokens.
+    text: the step text without the trailing stop string (e.g. without the newline). A step that ran
+        programs holds them with their output blocks (tools/format.py); the output is the environment's.
+    num_tokens: generated tokens for this sample (including a matched stop string's tokens); the
+        environment's output tokens are not generated and not counted.
+    logprob: summed log-probability of the generated tokens (the policy's only, never an output's).
     finished: True when generation ended by end-of-sequence or the length limit rather than at a
         step boundary (a stop string); such a step ends the solution.
+    tool_calls: the programs this step ran, in order (empty without tools).
     """
 
     text: str
     num_tokens: int
     logprob: float
     finished: bool
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)

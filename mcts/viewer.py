@@ -5,7 +5,9 @@
 writes one HTML page (inline CSS and JS, nothing fetched): a list of the trees (problem id, question,
 gold answer, whether a correct terminal was found) and, for the selected tree, a foldable tree of
 steps showing text, Q, visits, self-evaluation, prior and outcome, coloured by Q (red -1 .. green +1);
-terminals are marked ✓ (outcome +1) or ✗ (outcome -1) with their extracted answer.
+terminals are marked ✓ (outcome +1) or ✗ (outcome -1) with their extracted answer. A step that ran
+programs (tool-integrated steps) shows its rationale, then each program and its output in boxes of
+their own (the output's box is red when the program failed), from the node's `tool_calls`.
 
 The trees are embedded as compact JSON and rendered on click, so pages with thousands of trees open
 quickly; the first tree is also rendered server-side (readable without JavaScript). All text is
@@ -30,8 +32,11 @@ WRONG_MARK = "✗"
 OPEN_DEPTH = 3
 """Nodes shallower than this start unfolded."""
 
-NODE_KEYS = ("id", "parent", "depth", "text", "visits", "q", "self_eval", "prior", "outcome", "terminal", "answer")
-"""The columns of a node row in the embedded JSON."""
+NODE_KEYS = ("id", "parent", "depth", "text", "visits", "q", "self_eval", "prior", "outcome", "terminal", "answer",
+             "programs")
+"""The columns of a node row in the embedded JSON (`programs`: [code, output, ok] per tool call)."""
+PROGRAM_FENCE = "```"
+"""Where a tool step's own text ends and its program begins (tools/format.py's fences)."""
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh}
@@ -45,6 +50,9 @@ details{margin-left:1.2em} summary{cursor:pointer;margin:2px 0}
 .stats{color:#555;font-size:12px;margin-left:.5em}
 .ok{color:#080;font-weight:bold} .bad{color:#c00;font-weight:bold}
 .leaf{margin-left:1.2em;list-style:none}
+.code,.out{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:2px 0 2px 1.2em;padding:2px 6px;font-size:12px}
+.code{background:#f4f4f4;border-left:3px solid #999} .out{background:#eef4ff;border-left:3px solid #36c}
+.out.failed{background:#fff0f0;border-left-color:#c00}
 """.strip()
 
 JS = """
@@ -57,11 +65,15 @@ function fmt(x, d) { return x === null ? '-' : Number(x).toFixed(d); }
 function line(n) {
   const s = el('span');
   if (n[K.outcome] !== null) s.appendChild(el('span', n[K.outcome] > 0 ? 'ok' : 'bad', n[K.outcome] > 0 ? '\\u2713 ' : '\\u2717 '));
-  const t = el('span', 'step', n[K.depth] === 0 ? '(question)' : n[K.text]); t.style.background = colour(n[K.q]); s.appendChild(t);
+  const progs = n[K.programs] || [];
+  const text = n[K.depth] === 0 ? '(question)' : (progs.length ? n[K.text].split('```')[0].trim() || '(program)' : n[K.text]);
+  const t = el('span', 'step', text); t.style.background = colour(n[K.q]); s.appendChild(t);
   let st = 'Q=' + fmt(n[K.q], 2) + ' N=' + n[K.visits] + ' s=' + fmt(n[K.self_eval], 2) + ' p=' + fmt(n[K.prior], 2);
   if (n[K.outcome] !== null) st += ' o=' + (n[K.outcome] > 0 ? '+1' : '-1');
   if (n[K.terminal]) st += ' answer=' + (n[K.answer] === null ? '-' : n[K.answer]);
-  s.appendChild(el('span', 'stats', st)); return s;
+  s.appendChild(el('span', 'stats', st));
+  progs.forEach(p => { s.appendChild(el('div', 'code', p[0])); s.appendChild(el('div', p[2] ? 'out' : 'out failed', p[1])); });
+  return s;
 }
 function build(nodes, kids, id) {
   const n = nodes[id];
@@ -97,9 +109,21 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 def compact(tree: Tree) -> dict:
     """The embedded form of a tree: problem fields and one row per node (NODE_KEYS order)."""
     rows = [[n.id, n.parent, n.depth, n.text, n.visits, _round(n.q), _round(n.self_eval), _round(n.prior),
-             n.outcome, n.terminal, n.answer] for n in tree.nodes]
+             n.outcome, n.terminal, n.answer, _programs(n)] for n in tree.nodes]
     return {"problem_id": tree.problem.id, "question": tree.problem.question, "gold": tree.problem.answer,
             "solved": solved(tree), "nodes": rows}
+
+
+def _programs(node) -> list[list]:
+    return [[c.get("code", ""), c.get("output", ""), bool(c.get("ok"))] for c in node.tool_calls]
+
+
+def step_text(node) -> str:
+    """The text a node's line shows: a tool step's own words before its program (its programs and
+    outputs are shown apart), any other step's whole text."""
+    if not node.tool_calls:
+        return node.text
+    return node.text.split(PROGRAM_FENCE)[0].strip() or "(program)"
 
 
 def q_colour(q: float) -> str:
@@ -118,14 +142,17 @@ def node_line_html(tree: Tree, node_id: int) -> str:
     if n.outcome is not None:
         mark = (f'<span class="ok">{CORRECT_MARK} </span>' if n.outcome > 0
                 else f'<span class="bad">{WRONG_MARK} </span>')
-    text = "(question)" if n.id == ROOT else html.escape(n.text)
+    text = "(question)" if n.id == ROOT else html.escape(step_text(n))
     stats = f"Q={n.q:.2f} N={n.visits} s={_fmt(n.self_eval)} p={_fmt(n.prior)}"
     if n.outcome is not None:
         stats += " o=" + ("+1" if n.outcome > 0 else "-1")
     if n.terminal:
         stats += " answer=" + html.escape("-" if n.answer is None else n.answer)
+    programs = "".join(f'<div class="code">{html.escape(code)}</div>'
+                       f'<div class="{"out" if ok else "out failed"}">{html.escape(output)}</div>'
+                       for code, output, ok in _programs(n))
     return (f'<span>{mark}<span class="step" style="background:{q_colour(n.q)}">{text}</span>'
-            f'<span class="stats">{stats}</span></span>')
+            f'<span class="stats">{stats}</span>{programs}</span>')
 
 
 def tree_html(tree: Tree) -> str:

@@ -25,6 +25,17 @@ forward (`_ForwardRecorder`) and the reference log-probabilities, precomputed on
 (`precompute_ref_log_probs`), from the batch. Other loss types are left as TRL computes them; with
 several loss types the correction is added with the sigmoid term's weight.
 
+The environment's tokens. A tool-integrated step (tools/format.py) holds programs and their output
+blocks; the block after `OUTPUT_OPEN`, up to its closing fence, was written by the environment, not
+sampled from the policy. `encode_pairs` flags, per completion token, whether its characters overlap
+such a block (a token straddling the boundary counts as the environment's; an appended EOS is the
+policy's) into `chosen_env`/`rejected_env` columns, only in runs where some pair has environment
+text. `EnvironmentMaskCollator` zeroes TRL's `completion_mask` at those positions, so they count in
+neither the policy's nor the reference's log-probabilities (TRL sets their labels to -100 and the
+fused LM head gives them log-prob 0) nor in the NLL ("sft") term; they stay in the attention context,
+and in the processed token count. The same collator runs TRL's reference precompute (it is passed to
+the constructor) and the training batches.
+
 Training runs in a fresh process (`train_dpo_subprocess`, see NOTES.md: DPO in a process where a
 vLLM engine ran was 50x slower). The checkpoint is written into a temporary folder next to `out_dir`
 and renamed into place only when complete (with `train_result.json` inside), so `out_dir` either
@@ -48,6 +59,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from tools.format import output_spans
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +76,9 @@ DTYPES = ("float32", "bfloat16")
 MAX_SMOOTHING = 0.5  # epsilon = 0.5 makes a pair symmetric: no preference left to learn
 
 SMOOTHING_COLUMN = "label_smoothing"  # per-pair epsilon, from the dataset through the collator into the batch
+# Per completion token, who wrote it: the columns exist only in runs with environment text (tools/format.py).
+ENV_COLUMNS = {"chosen": "chosen_env", "rejected": "rejected_env"}  # in TRL's batch order: chosen, then rejected
+POLICY_TOKEN, ENV_TOKEN = 0, 1  # the flags in those columns
 RESULT_FILE = "train_result.json"  # inside the checkpoint folder: written last, before the rename
 STDERR_TAIL_LINES = 20  # lines of a failed child's stderr quoted in the error
 _STDERR_TAIL_BYTES = 64 * 1024  # enough bytes to hold those lines (progress bars rewrite lines with \r)
@@ -244,17 +260,22 @@ def smoothing_correction(logits, eps):
 
 @dataclass(frozen=True)
 class EncodedPairs:
-    """Pairs tokenized for TRL (prompt_ids, chosen_ids, rejected_ids [, label_smoothing] per row).
+    """Pairs tokenized for TRL (prompt_ids, chosen_ids, rejected_ids [, label_smoothing]
+    [, chosen_env, rejected_env] per row).
 
-    dropped: pairs left out (prompt alone fills max_length, or an empty completion).
-    tokens_per_epoch: processed tokens in one pass (see TrainResult.tokens).
+    dropped: pairs left out (prompt alone fills max_length, or a completion without a token of the
+        policy's: empty, or only the environment's output).
+    tokens_per_epoch: processed tokens in one pass (see TrainResult.tokens); environment tokens
+        included (they are processed, only left out of the log-probabilities).
     mean_smoothing: mean epsilon of the kept rows (0 without the smoothing column).
+    env_tokens: completion tokens in one pass that are the environment's (masked), after truncation.
     """
 
     rows: tuple[dict[str, Any], ...]
     dropped: int
     tokens_per_epoch: int
     mean_smoothing: float
+    env_tokens: int = 0
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -270,25 +291,49 @@ def _wants_eos(pair: dict[str, Any], side: str, mode: str) -> bool:
     return mode == "always" or (mode == "terminal" and bool(pair.get(f"{side}_terminal")))
 
 
+def environment_flags(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """Per token with character offsets [a, b): ENV_TOKEN when it overlaps an environment span [s, e)
+    (a token straddling a span's boundary counts as the environment's), else POLICY_TOKEN."""
+    return [ENV_TOKEN if any(a < e and s < b for s, e in spans) else POLICY_TOKEN for a, b in offsets]
+
+
+def _tokenize_with_flags(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` (no special tokens added) and per token its `environment_flags` against
+    the output blocks of `text`. Offsets are only asked for when there is a block."""
+    spans = output_spans(text)
+    if not spans:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, [POLICY_TOKEN] * len(ids)
+    if not tokenizer.is_fast:
+        raise ValueError("masking the environment's output blocks needs a fast tokenizer (character offsets)")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], environment_flags(enc["offset_mapping"], spans)
+
+
 def encode_pairs(pairs: Iterable[dict[str, Any]], tokenizer, *, cfg: TrainConfig) -> EncodedPairs:
     """Tokenize pairs as the backends tokenize prompts (no special tokens added: the chat template
     already wrote them). The completion starts where the tokens of prompt and prompt+completion
-    diverge (tokens can merge across the boundary), as in TRL."""
+    diverge (tokens can merge across the boundary), as in TRL. Output blocks are found in the whole
+    prompt+completion text (a prompt that ends inside a block, e.g. at `OUTPUT_OPEN`, leaves its end
+    to the completion); completion tokens that overlap one are flagged in ENV_COLUMNS, when any is."""
     rows: list[dict[str, Any]] = []
+    flags: list[dict[str, list[int]]] = []  # per kept row, per side: the completion's environment flags
     dropped = tokens = 0
     eos = [tokenizer.eos_token_id]
 
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
     for pair in pairs:
-        prompt = ids(pair["prompt"])
-        full = {side: ids(pair["prompt"] + pair[side]) for side in ("chosen", "rejected")}
+        prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
+        full, full_env = {}, {}
+        for side in ENV_COLUMNS:
+            full[side], full_env[side] = _tokenize_with_flags(tokenizer, pair["prompt"] + pair[side])
         cut = min(_common_prefix(prompt, full["chosen"]), _common_prefix(prompt, full["rejected"]))
-        done = {side: full[side][cut:] + (eos if _wants_eos(pair, side, cfg.eos) else []) for side in full}
-        if cut >= cfg.max_length or not done["chosen"] or not done["rejected"]:
+        ends = {side: _wants_eos(pair, side, cfg.eos) for side in full}
+        done = {side: full[side][cut:] + (eos if ends[side] else []) for side in full}
+        env = {side: full_env[side][cut:] + ([POLICY_TOKEN] if ends[side] else []) for side in full}
+        if cut >= cfg.max_length or not all(POLICY_TOKEN in env[side] for side in env):  # nothing to learn on a side
             dropped += 1
             continue
+        flags.append(env)
         row = {"prompt_ids": full["chosen"][:cut], "chosen_ids": done["chosen"], "rejected_ids": done["rejected"]}
         if cfg.smoothing_active:
             # Sampled whole solutions (pairs.source=sampling) are one visit each: visit counts say nothing
@@ -297,9 +342,13 @@ def encode_pairs(pairs: Iterable[dict[str, Any]], tokenizer, *, cfg: TrainConfig
                 int(pair.get("chosen_visits", 0)), int(pair.get("rejected_visits", 0)), cfg.smoothing_cap)
         rows.append(row)
         tokens += sum(min(cut + len(done[side]), cfg.max_length) for side in done)
+    env_tokens = sum(sum(f[side][:cfg.max_length - len(row["prompt_ids"])]) for row, f in zip(rows, flags)
+                     for side in f)  # within max_length (keep_start)
+    if any(ENV_TOKEN in f[side] for f in flags for side in f):  # a column is in every row or in none
+        rows = [{**row, **{ENV_COLUMNS[side]: f[side] for side in f}} for row, f in zip(rows, flags)]
     smoothing = [r[SMOOTHING_COLUMN] for r in rows if SMOOTHING_COLUMN in r]
     return EncodedPairs(rows=tuple(rows), dropped=dropped, tokens_per_epoch=tokens,
-                        mean_smoothing=sum(smoothing) / len(smoothing) if smoothing else 0.0)
+                        mean_smoothing=sum(smoothing) / len(smoothing) if smoothing else 0.0, env_tokens=env_tokens)
 
 
 @dataclass
@@ -315,6 +364,51 @@ class SmoothingCollator:
 
             batch[SMOOTHING_COLUMN] = torch.tensor([float(e[SMOOTHING_COLUMN]) for e in examples],
                                                    dtype=torch.float32)
+        return batch
+
+
+def truncated(seq: Sequence[int], max_length: int | None, truncation_mode: str) -> Sequence[int]:
+    """`seq` cut to `max_length` as TRL's DataCollatorForPreference cuts prompt+completion."""
+    if max_length is None:
+        return seq
+    if truncation_mode == "keep_start":
+        return seq[:max_length]
+    if truncation_mode == "keep_end":
+        return seq[-max_length:]
+    raise ValueError(f"truncation_mode={truncation_mode!r}: expected 'keep_start' or 'keep_end'")
+
+
+def policy_mask(prompt_len: int, env: Sequence[int], *, max_length: int | None, truncation_mode: str) -> list[int]:
+    """Per position of one collated prompt+completion sequence: 0 where the completion token is the
+    environment's (position prompt_len + j for flag env[j]), 1 elsewhere; truncated as TRL truncates."""
+    return list(truncated([1] * prompt_len + [int(flag == POLICY_TOKEN) for flag in env], max_length,
+                          truncation_mode))
+
+
+@dataclass
+class EnvironmentMaskCollator:
+    """Wraps TRL's preference collator (`base`, whose `max_length` and `truncation_mode` it follows):
+    zeroes `completion_mask` where the rows' ENV_COLUMNS flag a completion token as the environment's.
+    Without those columns it returns TRL's batch unchanged."""
+
+    base: Any  # trl.trainer.dpo_trainer.DataCollatorForPreference
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.base(examples)
+        if not examples or ENV_COLUMNS["chosen"] not in examples[0]:
+            return batch
+        import torch
+
+        completion_mask = batch["completion_mask"]
+        keep = torch.ones_like(completion_mask)  # padding stays 1: completion_mask is 0 there already
+        sequences = [(e, side, column) for side, column in ENV_COLUMNS.items() for e in examples]  # chosen, rejected
+        for i, (example, side, column) in enumerate(sequences):
+            if len(example[column]) != len(example[f"{side}_ids"]):
+                raise ValueError(f"{column} has {len(example[column])} flags for {len(example[f'{side}_ids'])} tokens")
+            mask = policy_mask(len(example["prompt_ids"]), example[column], max_length=self.base.max_length,
+                               truncation_mode=self.base.truncation_mode)
+            keep[i, :len(mask)] = torch.tensor(mask, dtype=keep.dtype)
+        batch["completion_mask"] = completion_mask * keep
         return batch
 
 
@@ -350,7 +444,8 @@ def conservative_trainer_class():
 
     class ConservativeDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer, plus per-pair label smoothing (see the module docstring), on datasets
-        tokenized by `encode_pairs`. Without the `label_smoothing` column it is stock TRL."""
+        tokenized by `encode_pairs`. Without the `label_smoothing` column it is stock TRL. The
+        environment mask acts through the collator `build_trainer` passes (EnvironmentMaskCollator)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -358,7 +453,7 @@ def conservative_trainer_class():
                 raise ValueError("ConservativeDPOTrainer reads the reference log-probs from the batch: "
                                  "set precompute_ref_log_probs=True")
             # Wrapped after TRL's own set-up (pad token, reference precompute): the column only
-            # exists in training batches.
+            # exists in training batches. It wraps the collator the precompute ran (the environment mask).
             self.data_collator = SmoothingCollator(self.data_collator)
             self.smoothing_weight = sum(w for t, w in zip(self.loss_types, self.loss_weights) if t == SMOOTHED_LOSS)
 
@@ -367,8 +462,8 @@ def conservative_trainer_class():
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
-            if SMOOTHING_COLUMN not in self._signature_columns:  # keep it through remove_unused_columns
-                self._signature_columns = [*self._signature_columns, SMOOTHING_COLUMN]
+            kept = [c for c in (SMOOTHING_COLUMN, *ENV_COLUMNS.values()) if c not in self._signature_columns]
+            self._signature_columns = [*self._signature_columns, *kept]  # through remove_unused_columns
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
@@ -387,7 +482,8 @@ def conservative_trainer_class():
         @staticmethod
         def _delta(policy_output, inputs):
             """Per pair (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), as TRL's loss computes it
-            (token log-probs summed over the completion; masked positions are 0)."""
+            (token log-probs summed over the completion; positions where completion_mask is 0 - prompt,
+            padding, the environment's tokens - have label -100, and the fused LM head gives them 0)."""
             seq_len = inputs["completion_mask"].size(1) - 1
             chosen, rejected = policy_output.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
             return (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
@@ -417,11 +513,25 @@ def _load_model(path: str, cfg: TrainConfig):
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
 
 
+def preference_collator(tokenizer, model, args):
+    """TRL's preference collator as DPOTrainer.__init__ builds its default (trl 1.16, dpo_trainer.py
+    `if data_collator is None`): the pad token falls back to EOS and is mirrored onto the model configs."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
+                                     truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
+
+
 def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tokenizer, cfg: TrainConfig,
                   output_dir: str):
     """A ConservativeDPOTrainer on `encoded`, reference log-probs precomputed. The reference is the
     weights at `ref_path`: when it is the policy's own folder TRL uses the policy before training
-    (full training) or the base with the adapter disabled (LoRA); otherwise it is loaded."""
+    (full training) or the base with the adapter disabled (LoRA); otherwise it is loaded. The collator
+    masks the environment's tokens in the reference precompute and in training alike; the mask travels
+    in the dataset, so TRL's precompute cache (keyed by the dataset's fingerprint) tells the two apart."""
     import torch
     from datasets import Dataset
     from trl import DPOConfig
@@ -459,7 +569,8 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
                                  target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
     model = _load_model(policy_path, cfg)
     ref_model = None if _same_model(policy_path, ref_path) else _load_model(ref_path, cfg)
-    return conservative_trainer_class()(model=model, ref_model=ref_model, args=args,
+    collator = EnvironmentMaskCollator(preference_collator(tokenizer, model, args))
+    return conservative_trainer_class()(model=model, ref_model=ref_model, args=args, data_collator=collator,
                                         train_dataset=Dataset.from_list(list(encoded.rows)),
                                         processing_class=tokenizer, peft_config=peft_config)
 
@@ -509,7 +620,8 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
     tokenizer = load_tokenizer(policy_path)
     encoded = encode_pairs(pairs, tokenizer, cfg=cfg)
     if encoded.dropped:
-        log.warning("%d of %d pairs dropped: the prompt fills max_length=%d, or a completion is empty",
+        log.warning("%d of %d pairs dropped: the prompt fills max_length=%d, or a completion is empty "
+                    "(or only program output)",
                     encoded.dropped, len(pairs), cfg.max_length)
     if not encoded.rows:
         raise ValueError(f"no pair left to train on (of {len(pairs)})")
@@ -520,8 +632,9 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
     if symmetric:
         log.warning("%d of %d pairs have smoothing %.1f (rejected visited at least as often as chosen): "
                     "they carry no preference signal", symmetric, len(encoded.rows), MAX_SMOOTHING)
-    log.info("DPO: %d pairs, %d tokens per epoch, mean smoothing %.3f, policy %s, reference %s",
-             len(encoded.rows), encoded.tokens_per_epoch, encoded.mean_smoothing, policy_path, ref_path)
+    log.info("DPO: %d pairs, %d tokens per epoch (%d of them the environment's, masked), mean smoothing %.3f, "
+             "policy %s, reference %s", len(encoded.rows), encoded.tokens_per_epoch, encoded.env_tokens,
+             encoded.mean_smoothing, policy_path, ref_path)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))

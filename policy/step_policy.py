@@ -2,6 +2,11 @@
 
 One wave of the search becomes a constant number of backend calls: expansions are grouped by their
 sampling settings (root breadth, inner breadth, to-the-end), self-evaluations go in one call.
+
+With a tool (`tool.name=python`), a sampled step that opens a program is continued to the output
+fence, every such program of the wave runs in one sandbox batch, and the step becomes the whole
+program with its output block (one node in the tree); to-the-end expansions run their programs as
+they are written (policy/tool_use.py).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from typing import Sequence
 from mcts.types import EvalRequest, Evaluation, Expansion, ExpandRequest, StepSample
 from policy.backends.base import FINISH_STOP, Backend, SamplingSettings
 from policy.prompts import PromptFormatter
+from policy.tool_use import ToolExecutor, complete_programs, programs_in, sample_solutions
+from tools.config import ToolConfig
+from tools.format import opens_code
 
 
 @dataclass(frozen=True)
@@ -35,33 +43,71 @@ class StepPolicy:
     """Expander + Evaluator over one backend and one prompt formatter."""
 
     def __init__(self, backend: Backend, formatter: PromptFormatter, gen: GenerationConfig, *,
-                 eval_with_reference: bool):
+                 eval_with_reference: bool, tool: ToolConfig | None = None):
         self.backend = backend
         self.formatter = formatter
         self.gen = gen
         self.eval_with_reference = eval_with_reference
+        self.executor = ToolExecutor(tool) if tool is not None and tool.enabled else None
+
+    def _settings(self, n: int, to_end: bool) -> SamplingSettings:
+        return SamplingSettings(
+            n=n, temperature=self.gen.temperature, top_p=self.gen.top_p,
+            max_tokens=self.gen.solution_max_tokens if to_end else self.gen.step_max_tokens,
+            stop=() if to_end else (self.formatter.cfg.step_separator,),
+        )
 
     def expand(self, requests: Sequence[ExpandRequest]) -> list[Expansion]:
-        sep = self.formatter.cfg.step_separator
         groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             groups[(r.n, r.to_end)].append(i)
+        prompts = [self.formatter.solution_prompt(r.problem, r.steps) for r in requests]
+        calls = [programs_in(r.steps) for r in requests] if self.executor else [0] * len(requests)
         out: list[Expansion | None] = [None] * len(requests)
+        steps: dict[int, list[StepSample]] = {}
+        cost: dict[int, list[int]] = {}
         for (n, to_end), idx in groups.items():
-            settings = SamplingSettings(
-                n=n, temperature=self.gen.temperature, top_p=self.gen.top_p,
-                max_tokens=self.gen.solution_max_tokens if to_end else self.gen.step_max_tokens,
-                stop=() if to_end else (sep,),
-            )
-            prompts = [self.formatter.solution_prompt(requests[i].problem, requests[i].steps) for i in idx]
-            for i, completion in zip(idx, self.backend.sample(prompts, settings)):
-                samples = tuple(
-                    StepSample(text=s.text.strip() if to_end else s.text, num_tokens=s.num_tokens,
-                               logprob=s.logprob, finished=to_end or s.finish_reason != FINISH_STOP)
-                    for s in completion.samples
-                )
-                out[i] = Expansion(samples, completion.prompt_tokens, completion.cached_tokens)
+            settings = self._settings(n, to_end)
+            if to_end:
+                completions = sample_solutions(self.backend, [prompts[i] for i in idx], settings, self.executor,
+                                               prior_calls=[calls[i] for i in idx])
+                for i, c in zip(idx, completions):
+                    samples = tuple(StepSample(text=s.text.strip(), num_tokens=s.num_tokens, logprob=s.logprob,
+                                               finished=True, tool_calls=s.tool_calls) for s in c.samples)
+                    out[i] = Expansion(samples, c.prompt_tokens, c.cached_tokens)
+                continue
+            for i, c in zip(idx, self.backend.sample([prompts[i] for i in idx], settings)):
+                steps[i] = [StepSample(text=s.text, num_tokens=s.num_tokens, logprob=s.logprob,
+                                       finished=s.finish_reason != FINISH_STOP) for s in c.samples]
+                cost[i] = [c.prompt_tokens, c.cached_tokens]
+        if self.executor is not None:
+            self._complete_programs(prompts, steps, cost, calls)
+        for i, samples in steps.items():
+            out[i] = Expansion(tuple(samples), cost[i][0], cost[i][1])
         return out  # type: ignore[return-value]
+
+    def _complete_programs(self, prompts: list[str], steps: dict[int, list[StepSample]], cost: dict[int, list[int]],
+                           calls: list[int]) -> None:
+        """Every sampled step that opens a program becomes the program with its output (one batch)."""
+        sep = self.formatter.cfg.step_separator
+        where = [(i, j) for i, samples in steps.items() for j, s in enumerate(samples)
+                 if not s.finished and opens_code(s.text)]
+        if not where:
+            return
+        done = complete_programs(self.backend, prompts, [(i, steps[i][j].text) for i, j in where],
+                                 self._settings(1, False), self.executor, separator=sep, prior_calls=calls)
+        for (i, j), (cont, prompt_tokens, cached_tokens) in zip(where, done):
+            head = steps[i][j]
+            steps[i][j] = StepSample(text=head.text + sep + cont.text if cont.num_tokens else head.text,
+                                     num_tokens=head.num_tokens + cont.num_tokens, logprob=head.logprob + cont.logprob,
+                                     finished=cont.finish_reason != FINISH_STOP, tool_calls=cont.tool_calls)
+            cost[i][0] += prompt_tokens
+            cost[i][1] += cached_tokens
+
+    @property
+    def tool_stats(self) -> dict:
+        """Programs run and sandbox time so far ({} without a tool)."""
+        return self.executor.stats.as_dict() if self.executor else {}
 
     def evaluate(self, requests: Sequence[EvalRequest]) -> list[Evaluation]:
         if not requests:

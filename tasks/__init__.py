@@ -120,11 +120,16 @@ def _loader(cfg: TaskConfig, answer_format: str) -> Callable[[], list[Problem]]:
     return by_kind[cfg.kind]
 
 
-def make_task(cfg: TaskConfig) -> AnswerTask:
+def make_task(cfg: TaskConfig, tool=None) -> AnswerTask:
     """The task described by `cfg`. Problems are generated or loaded on the first `problems()` call;
-    a missing data file raises DataError then (a missing `path` raises DataError here)."""
+    a missing data file raises DataError then (a missing `path` raises DataError here).
+
+    tool: a `tools.config.ToolConfig`; when it enables a tool, the task is written in the tool format
+    (its instruction and `tool.few_shot` built-in tool-format examples, unless `task.instruction` is set)."""
     if cfg.kind not in KINDS:  # TaskConfig checks this too; kept for configs built around it
         raise ValueError(f"unknown task kind {cfg.kind!r}: expected one of {', '.join(KINDS)}")
     answer_format = cfg.answer_format or KINDS[cfg.kind]
+    style = "python" if tool is not None and tool.enabled else "cot"
+    few_shot = tool.few_shot if style == "python" else cfg.few_shot
     return AnswerTask(name=cfg.name, load=_loader(cfg, answer_format), answer_format=answer_format,
-                      answer_prefix=cfg.answer_prefix, instruction=cfg.instruction, few_shot=cfg.few_shot)
+                      answer_prefix=cfg.answer_prefix, instruction=cfg.instruction, few_shot=few_shot, style=style)

@@ -14,9 +14,10 @@ with "The answer is N.":
 
 Determinism and splits: problem i of (split, seed) comes from a random.Random seeded with a SHA-256
 digest of ("arith", split, seed, i, attempt), so it is the same in every process and independent of
-n. A question belongs to the split chosen by a SHA-256 digest of its text; generation resamples
-(attempt + 1) until the question lands in its own split and is new within the list. So train and
-test never share a question, whatever the seeds and sizes. Problem ids carry the difficulty:
+n. A question belongs to the split chosen by a SHA-256 digest of its text (half test; of the rest, an
+eighth dev, for choosing defaults, and the others train); generation resamples (attempt + 1) until the
+question lands in its own split and is new within the list. So train, dev and test never share a
+question, whatever the seeds and sizes. Problem ids carry the difficulty:
 "arith-test-0-d2-00017" (see `difficulty_of`). Difficulties cycle over `difficulties`.
 """
 
@@ -29,7 +30,8 @@ from typing import Sequence
 
 from mcts.types import Problem
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "dev", "test")
+DEV_SHARE_BYTE = 32  # a question of the train half whose second hash byte is below this is dev: 32/256 = 1/8 (ours)
 MAX_DIFFICULTY = 4
 MAX_VALUE = 300  # largest intermediate result
 # Operand ranges (inclusive), small enough for a 135M model's arithmetic.
@@ -99,8 +101,12 @@ def _digest(*parts: object) -> bytes:
 
 
 def split_of(question: str) -> str:
-    """The split a question text belongs to (fixed by a hash of the text)."""
-    return SPLITS[_digest("arith-split", question)[0] % len(SPLITS)]
+    """The split a question text belongs to (fixed by a hash of the text): half the questions are test;
+    of the other half, one in eight is dev (for choosing defaults) and the rest train."""
+    digest = _digest("arith-split", question)
+    if digest[0] % 2:
+        return "test"
+    return "dev" if digest[1] < DEV_SHARE_BYTE else "train"
 
 
 def difficulty_of(problem: Problem) -> int | None:

@@ -15,6 +15,11 @@ from mcts.types import Problem
 from tasks.base import Example
 from tasks.checker import answers_equal, letters_equal
 from tasks.extract import FORMATS, extract_answer
+from tools.format import prose
+
+STYLES = ("cot", "python")
+"""How a solution is written: chain of thought (one step per line) or ToRA's tool-integrated format
+(rationale lines and python programs whose output the environment appends; tools/format.py)."""
 
 # A default instruction per answer format; {prefix} is the task's answer prefix.
 INSTRUCTIONS = {
@@ -23,6 +28,15 @@ INSTRUCTIONS = {
              'End with a line "{prefix} \\boxed{{ANSWER}}." with the final answer in LaTeX.',
     "letter": 'Think step by step, one step per line. End with a line "{prefix} (X)." where X is the letter '
               "of the correct choice.",
+}
+
+# The same in the tool-integrated format (style "python").
+# The number examples carry the format alone (an instruction made no difference beyond the noise on arith_dev).
+TOOL_INSTRUCTIONS = {
+    "number": "",
+    "latex": "Solve the problem with python. Write one line of reasoning, then a ```python block that prints "
+             'the result; you will see its ```output. End with a line "{prefix} \\boxed{{ANSWER}}." with the '
+             "final answer in LaTeX.",
 }
 
 
@@ -67,6 +81,35 @@ _SHOTS = {
     ),
 }
 
+# Tool-format examples (ToRA's shape: a rationale line, a program that prints the result, its output,
+# the answer line), hand-written on the same questions as the chain-of-thought ones. The output blocks
+# are what tools/format.py's executor writes for these programs. The number examples open with one
+# generic rationale line: SmolLM2-135M copied problem-specific ones into other problems and then often
+# wrote no program (docs/tools.md, "Choosing the prompt"; measured on arith_dev only).
+TOOL_RATIONALE = "Let's write a program."
+_TOOL_SHOTS = {
+    "number": (
+        _Shot(_SHOTS["number"][0].question,
+              (TOOL_RATIONALE, "```python\ncrayons = 14 + 9 - 5\nprint(crayons)\n```\n```output\n18\n```"), "18"),
+        _Shot(_SHOTS["number"][1].question,
+              (TOOL_RATIONALE, "```python\nmelons = 6 * 8\nbags = melons // 4\nprint(bags)\n```\n```output\n12\n```"),
+              "12"),
+        _Shot(_SHOTS["number"][2].question,
+              (TOOL_RATIONALE, "```python\nmonday = 25\ntuesday = 2 * monday\nprint(monday + tuesday)\n```\n"
+                               "```output\n75\n```"), "75"),
+    ),
+    "latex": (
+        _Shot(_SHOTS["latex"][0].question,
+              ("We add the fractions exactly with sympy.",
+               "```python\nfrom sympy import Rational\nprint(Rational(3, 4) + Rational(1, 6))\n```\n"
+               "```output\n11/12\n```"), "\\boxed{\\frac{11}{12}}"),
+        _Shot(_SHOTS["latex"][1].question,
+              ("We solve the linear equation with sympy.",
+               "```python\nfrom sympy import symbols, solve\nx = symbols('x')\nprint(solve(3*x - 7 - 11, x))\n```\n"
+               "```output\n[6]\n```"), "\\boxed{6}"),
+    ),
+}
+
 
 def answer_matches(gold: str, predicted: str | None, answer_format: str) -> bool:
     """The grading rule of every task: letters compare as letters, numbers and LaTeX with the checker."""
@@ -77,11 +120,17 @@ def answer_matches(gold: str, predicted: str | None, answer_format: str) -> bool
     return answers_equal(gold, predicted)
 
 
-def few_shot_examples(answer_format: str, k: int, *, prefix: str) -> tuple[Example, ...]:
-    """The first `k` built-in examples for `answer_format`, their last line "<prefix> <answer>."."""
-    shots = _SHOTS[answer_format]
+def few_shot_examples(answer_format: str, k: int, *, prefix: str, style: str = "cot") -> tuple[Example, ...]:
+    """The first `k` built-in examples for `answer_format` in `style`, their last line "<prefix> <answer>."."""
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: expected one of {', '.join(STYLES)}")
+    table = _SHOTS if style == "cot" else _TOOL_SHOTS
+    if answer_format not in table:
+        raise ValueError(f"there are no built-in {style} examples for {answer_format} answers: "
+                         f"use tool=none for {answer_format} tasks")
+    shots = table[answer_format]
     if not 0 <= k <= len(shots):
-        raise ValueError(f"few_shot={k}: there are {len(shots)} built-in examples for {answer_format} answers")
+        raise ValueError(f"few_shot={k}: there are {len(shots)} built-in {style} examples for {answer_format} answers")
     return tuple(Example(s.question, "\n".join([*s.steps, f"{prefix} {s.answer}."])) for s in shots[:k])
 
 
@@ -91,14 +140,17 @@ class AnswerTask:
     Holds its problems, loaded on first use by `load` and then kept."""
 
     def __init__(self, *, name: str, load: Callable[[], list[Problem]], answer_format: str = "number",
-                 answer_prefix: str = "The answer is", instruction: str | None = None, few_shot: int = 1):
+                 answer_prefix: str = "The answer is", instruction: str | None = None, few_shot: int = 1,
+                 style: str = "cot"):
         if answer_format not in FORMATS:
             raise ValueError(f"answer_format={answer_format!r}: expected one of {', '.join(FORMATS)}")
         self.name = name
         self.answer_format = answer_format
         self.answer_prefix = answer_prefix
-        self.instruction = INSTRUCTIONS[answer_format].format(prefix=answer_prefix) if instruction is None else instruction
-        self.few_shot = few_shot_examples(answer_format, few_shot, prefix=answer_prefix)
+        self.style = style
+        self.few_shot = few_shot_examples(answer_format, few_shot, prefix=answer_prefix, style=style)
+        defaults = INSTRUCTIONS if style == "cot" else TOOL_INSTRUCTIONS
+        self.instruction = defaults[answer_format].format(prefix=answer_prefix) if instruction is None else instruction
         self._load = load
         self._problems: list[Problem] | None = None
         self._lock = threading.Lock()
@@ -113,10 +165,14 @@ class AnswerTask:
         return f"{self.instruction}\n\n{problem.question}" if self.instruction else problem.question
 
     def extract(self, text: str) -> str | None:
+        """The answer the policy stated; with tools, programs and their output are not read (a program
+        that prints "The answer is 9" has not stated an answer)."""
+        if self.style == "python":
+            text = prose(text)
         return extract_answer(text, prefix=self.answer_prefix, answer_format=self.answer_format)
 
     def is_correct(self, predicted: str | None, problem: Problem) -> bool:
         return answer_matches(problem.answer, predicted, self.answer_format)
 
     def __repr__(self) -> str:
-        return f"AnswerTask(name={self.name!r}, answer_format={self.answer_format!r})"
+        return f"AnswerTask(name={self.name!r}, answer_format={self.answer_format!r}, style={self.style!r})"

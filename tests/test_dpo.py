@@ -1,5 +1,6 @@
-"""DPO through TRL (policy/dpo.py): the conservative smoothing by hand, its path into the loss, and
-real runs on a tiny random Llama (in this process, in a fresh one, with LoRA, and a failing child)."""
+"""DPO through TRL (policy/dpo.py): the conservative smoothing by hand, its path into the loss, the
+environment's tokens (program output blocks) masked out of both log-probabilities, and real runs on a
+tiny random Llama (in this process, in a fresh one, with LoRA, and a failing child)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ from pathlib import Path
 import pytest
 
 from policy.dpo import (
+    ENV_COLUMNS,
     RESULT_FILE,
     SMOOTHING_COLUMN,
+    EnvironmentMaskCollator,
+    SmoothingCollator,
     TrainConfig,
     build_trainer,
     conservative_smoothing,
     encode_pairs,
+    environment_flags,
     smoothing_correction,
     train_dpo,
     train_dpo_subprocess,
 )
+from tools.format import CODE_OPEN, FENCE, OUTPUT_OPEN, output_block, output_spans
 
 # Fast settings for the tiny model: a learning rate large enough that one step visibly moves weights.
 TINY = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, max_length=128,
@@ -47,6 +53,39 @@ def pairs(tokenizer) -> list[dict]:
                     "chosen_visits": 3 + i, "rejected_visits": 1 + i % 3, "chosen_terminal": i % 2 == 0,
                     "rejected_terminal": False, "round": 0, "some_future_key": [1, 2]})
     return out
+
+
+def program_step(a: int, b: int, op: str, result: int, after: str = "") -> str:
+    """A tool-integrated step (tools/format.py): rationale, a program, its output block, then `after`."""
+    return f"We compute it.\n{CODE_OPEN}\nprint({a} {op} {b})\n{FENCE}\n{OUTPUT_OPEN}{output_block(str(result))}{after}"
+
+
+@pytest.fixture(scope="module")
+def tool_pairs(pairs) -> list[dict]:
+    """The eight pairs with tool-integrated steps: a program adds (chosen) or subtracts (rejected), the
+    environment's output block follows, and the policy goes on after it."""
+    out = []
+    for i, pair in enumerate(pairs):
+        a, b = 3 + i, 5 + 2 * i
+        out.append({**pair, "chosen": program_step(a, b, "+", a + b, f"\nSo {a} + {b} = {a + b}.\n"),
+                    "rejected": program_step(a, b, "-", a - b, f"\nSo {a} + {b} = {a - b}.\n")})
+    return out
+
+
+def env_runs(flags) -> list[tuple[int, int]]:
+    """The [start, end) runs of environment flags in a row's flag list."""
+    runs, start = [], None
+    for j, flag in enumerate([*flags, 0]):
+        if flag and start is None:
+            start = j
+        elif not flag and start is not None:
+            runs.append((start, j))
+            start = None
+    return runs
+
+
+def output_texts(text: str) -> list[str]:
+    return [text[s:e] for s, e in output_spans(text)]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +154,70 @@ def test_encode_pairs_eos_and_smoothing(pairs, tokenizer):
     assert all(r[SMOOTHING_COLUMN] == 0.0 for r in encode_pairs(sampled, tokenizer, cfg=TINY).rows)  # not 0.5
 
 
+def test_environment_flags_by_hand():
+    """A token overlapping a span is the environment's, one straddling its boundary too; touching is not."""
+    assert environment_flags([(0, 3), (3, 6), (6, 9)], [(4, 7)]) == [0, 1, 1]
+    assert environment_flags([(0, 4), (4, 7), (7, 9)], [(4, 7)]) == [0, 1, 0]
+    assert environment_flags([(0, 2), (2, 5)], []) == [0, 0]
+
+
+def test_encode_pairs_flags_exactly_the_output_blocks(tool_pairs, pairs, tokenizer):
+    enc = encode_pairs(tool_pairs, tokenizer, cfg=TINY)
+    eos = tokenizer.eos_token_id
+    for pair, row in zip(tool_pairs, enc.rows):
+        for side, column in ENV_COLUMNS.items():
+            ids, env = row[f"{side}_ids"], row[column]
+            assert len(env) == len(ids)
+            assert [tokenizer.decode(ids[s:e]) for s, e in env_runs(env)] == output_texts(pair[side])  # "\n17\n```"
+            if ids[-1] == eos:
+                assert env[-1] == 0  # the appended EOS is the policy's
+    assert enc.env_tokens == sum(sum(r[c]) for r in enc.rows for c in ENV_COLUMNS.values()) > 0
+    lengths = [len(r["prompt_ids"]) + len(r[f"{s}_ids"]) for r in enc.rows for s in ENV_COLUMNS]
+    assert max(lengths) < TINY.max_length and enc.tokens_per_epoch == sum(lengths)  # environment tokens are processed
+
+    plain = encode_pairs(pairs, tokenizer, cfg=TINY)  # no output block in the run: rows as before
+    assert all(set(r) == {"prompt_ids", "chosen_ids", "rejected_ids", SMOOTHING_COLUMN} for r in plain.rows)
+    assert plain.env_tokens == 0
+    mixed = encode_pairs(pairs[:2] + tool_pairs[2:4], tokenizer, cfg=TINY)  # a column is in every row or none
+    assert all(set(ENV_COLUMNS.values()) <= set(r) for r in mixed.rows)
+    assert all(sum(r[c]) == 0 for r in mixed.rows[:2] for c in ENV_COLUMNS.values())
+    assert mixed.rows[:2] == tuple({**r, **{c: [0] * len(r[f"{s}_ids"]) for s, c in ENV_COLUMNS.items()}}
+                                   for r in plain.rows[:2])
+
+    # A prompt that stops at the output fence (the policy's last words): the completion opens with the
+    # environment's text, found in prompt+completion.
+    pair = tool_pairs[0]
+    head, tail = pair["chosen"].split(OUTPUT_OPEN)
+    stopped = {**pair, "prompt": pair["prompt"] + head + OUTPUT_OPEN, "chosen": tail, "rejected": tail + "Wrong.\n"}
+    row = encode_pairs([stopped], tokenizer, cfg=replace(TINY, eos="never")).rows[0]
+    assert env_runs(row["chosen_env"])[0][0] == 0
+    assert tokenizer.decode(row["chosen_ids"][slice(*env_runs(row["chosen_env"])[0])]) == output_texts(
+        stopped["prompt"] + tail)[-1]
+    only_output = {**stopped, "chosen": output_block("17")}  # no token of the policy's on the chosen side
+    assert encode_pairs([only_output], tokenizer, cfg=replace(TINY, eos="never")).dropped == 1
+
+
+def test_collator_masks_the_environment_in_chosen_and_rejected(tool_pairs, tokenizer):
+    """completion_mask is 0 exactly at the environment's tokens (position len(prompt_ids) + j) and 1 at
+    the other completion tokens, for both halves of the batch, also when max_length cuts a block."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    rows = list(encode_pairs(tool_pairs[:3], tokenizer, cfg=TINY).rows)
+    first = rows[0]
+    inside = len(first["prompt_ids"]) + env_runs(first["chosen_env"])[0][0] + 1  # ends inside row 0's block
+    for max_length in (TINY.max_length, inside):
+        collate = EnvironmentMaskCollator(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,
+                                                                    max_length=max_length))
+        mask = collate(rows)["completion_mask"]
+        assert mask.size(0) == 2 * len(rows)  # chosen half, then rejected half
+        for i, (side, row) in enumerate((s, r) for s in ENV_COLUMNS for r in rows):
+            start, env = len(row["prompt_ids"]), row[ENV_COLUMNS[side]]
+            expected = [int(start <= k < start + len(env) and k < max_length and not env[k - start])
+                        for k in range(mask.size(1))]
+            assert mask[i].tolist() == expected
+        assert mask.sum() < collate.base(rows)["completion_mask"].sum()  # the mask acted
+
+
 # --- the per-pair smoothing reaches TRL's loss ------------------------------------------------------------
 
 
@@ -151,6 +254,87 @@ def test_trainer_loss_is_cdpo_per_pair(pairs, tokenizer, tiny_model_dir, other_m
     assert loss(rows, smoothing=False) == pytest.approx((-F.logsigmoid(x)).mean().item(), rel=1e-4, abs=1e-5)
     zero = [{**r, SMOOTHING_COLUMN: 0.0} for r in rows]
     assert loss(zero) == pytest.approx(loss(rows, smoothing=False), rel=1e-6, abs=1e-7)
+
+
+def completion_log_prob(model, row: dict, side: str, *, policy_only: bool) -> float:
+    """By hand: the sum of log p(token | everything before it) over the completion's tokens (the
+    policy's only, or all of them), from one forward of prompt+completion."""
+    import torch
+
+    prompt, ids = row["prompt_ids"], row[f"{side}_ids"]
+    env = row[ENV_COLUMNS[side]] if policy_only else [0] * len(ids)
+    seq = torch.tensor([prompt + ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), dim=-1)
+    return sum(logp[len(prompt) + j - 1, tok].item() for j, tok in enumerate(ids) if not env[j])
+
+
+def test_log_probs_leave_out_the_environment(tool_pairs, tokenizer, tiny_model_dir, other_model_dir, tmp_path):
+    """The reference log-probs TRL precomputes (through our collator, in DPOTrainer.__init__) and the
+    policy log-probs of a training batch are the sums over the policy's tokens only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    encoded = encode_pairs(tool_pairs[:4], tokenizer, cfg=TINY)
+    trainer = build_trainer(encoded, policy_path=str(tiny_model_dir), ref_path=str(other_model_dir),
+                            tokenizer=tokenizer, cfg=TINY, output_dir=str(tmp_path))
+    assert isinstance(trainer.data_collator, SmoothingCollator)  # the smoothing wraps the environment mask
+    assert isinstance(trainer.data_collator.base, EnvironmentMaskCollator)
+    ref = AutoModelForCausalLM.from_pretrained(str(other_model_dir))
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    for i in range(len(encoded.rows)):
+        row = trainer.train_dataset[i]
+        for side in ENV_COLUMNS:
+            masked = completion_log_prob(ref, row, side, policy_only=True)
+            assert row[f"ref_{side}_logps"] == pytest.approx(masked, rel=1e-4, abs=1e-4)
+            assert abs(masked - completion_log_prob(ref, row, side, policy_only=False)) > 0.1
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, trainer.data_collator([row]))
+        for side in ENV_COLUMNS:
+            assert metrics[f"logps/{side}"][-1] == pytest.approx(
+                completion_log_prob(trainer.model, row, side, policy_only=True), rel=1e-4, abs=1e-4)
+    batch = next(iter(trainer.get_train_dataloader()))  # the columns survive remove_unused_columns
+    policy_tokens = sum(len(r[f"{s}_ids"]) - sum(r[c]) for r in encoded.rows for s, c in ENV_COLUMNS.items())
+    assert SMOOTHING_COLUMN in batch and batch["completion_mask"].sum().item() == policy_tokens
+
+
+def test_environment_output_does_not_reach_the_loss(pairs, tokenizer, tiny_model_dir, other_model_dir, tmp_path):
+    """Steps that end with their output block, in two variants that differ only in the environment's
+    output: with the mask, the DPO+NLL loss (smoothing included) and its gradient are the same for both;
+    without it (the same batches, the flags removed) they differ. Without EOS nothing follows the block,
+    so the output is in no later token's context."""
+    import torch
+
+    def variant(chosen_out: int, rejected_out: int) -> dict:
+        return {**pairs[1], "chosen": program_step(3, 4, "+", chosen_out),
+                "rejected": program_step(3, 4, "-", rejected_out)}
+
+    cfg = replace(TINY, loss_type=("sigmoid", "sft"), eos="never")
+    encoded = encode_pairs([variant(17, 7), variant(93, 4)], tokenizer, cfg=cfg)
+    a, b = encoded.rows
+    assert a[SMOOTHING_COLUMN] > 0  # the smoothing correction is in the loss
+    for side in ENV_COLUMNS:  # same length, other tokens, all of them inside the block
+        assert len(a[f"{side}_ids"]) == len(b[f"{side}_ids"]) and a[f"{side}_ids"] != b[f"{side}_ids"]
+        assert all(x == y or e for x, y, e in zip(a[f"{side}_ids"], b[f"{side}_ids"], a[ENV_COLUMNS[side]]))
+    trainer = build_trainer(encoded, policy_path=str(tiny_model_dir), ref_path=str(other_model_dir),
+                            tokenizer=tokenizer, cfg=cfg, output_dir=str(tmp_path))
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    for side in ENV_COLUMNS:
+        assert rows[0][f"ref_{side}_logps"] == pytest.approx(rows[1][f"ref_{side}_logps"], rel=1e-5, abs=1e-5)
+
+    def loss_and_grad(row: dict) -> tuple[float, torch.Tensor]:
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator([row]))
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+
+    (loss_a, grad_a), (loss_b, grad_b) = loss_and_grad(rows[0]), loss_and_grad(rows[1])
+    assert loss_a == pytest.approx(loss_b, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
+    unmasked = [{k: v for k, v in r.items() if k not in ENV_COLUMNS.values()} for r in rows]
+    (raw_a, raw_grad_a), (raw_b, raw_grad_b) = loss_and_grad(unmasked[0]), loss_and_grad(unmasked[1])
+    assert abs(raw_a - raw_b) > 1e-3 and not torch.allclose(raw_grad_a, raw_grad_b, rtol=1e-4, atol=1e-6)
+    trainer.model.zero_grad()
 
 
 # --- real runs -----------------------------------------------------------------------------------------
@@ -242,6 +426,18 @@ def test_autocast_trains_float32_weights(pairs, tiny_model_dir, tmp_path):
     assert result.steps == 2 and all(math.isfinite(v) for v in result.loss_history)
     before, after = state_dict(tiny_model_dir), state_dict(out)
     assert all(v.dtype == before[k].dtype for k, v in after.items())  # float32 weights kept
+    assert not all(bool((before[k] == after[k]).all()) for k in before)
+
+
+def test_train_dpo_on_tool_integrated_pairs(tool_pairs, tokenizer, tiny_model_dir, tmp_path):
+    """A real run (DPO + NLL, the default loss) on pairs with output blocks trains and moves the weights."""
+    cfg = replace(TINY, loss_type=("sigmoid", "sft"))
+    out = tmp_path / "policy"
+    result = train_dpo(tool_pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir), out_dir=str(out),
+                       cfg=cfg)
+    assert result.steps == 2 and result.pairs == 8 and all(math.isfinite(v) for v in result.loss_history)
+    assert result.tokens == encode_pairs(tool_pairs, tokenizer, cfg=cfg).tokens_per_epoch
+    before, after = state_dict(tiny_model_dir), state_dict(out)
     assert not all(bool((before[k] == after[k]).all()) for k in before)
 
 

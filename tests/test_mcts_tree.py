@@ -46,7 +46,7 @@ def test_json_round_trip_exact():
     d = tree.to_json()
     assert set(d) == {"problem_id", "question", "answer", "solution", "nodes", "compute", "meta"}
     assert list(d["nodes"][0]) == ["id", "parent", "depth", "text", "num_tokens", "logprob", "prior", "self_eval",
-                                   "outcome", "visits", "q", "value_sum", "terminal", "answer"]
+                                   "outcome", "visits", "q", "value_sum", "terminal", "answer", "tool_calls"]
     back = Tree.from_json(json.loads(json.dumps(d)))
     assert back.to_json() == d
     assert back == tree  # dataclass equality, children included

@@ -187,12 +187,13 @@ def test_generator_is_the_same_in_another_process():
 
 
 @pytest.mark.parametrize("difficulties", [(1,), (1, 2, 3, 4)])
-def test_train_and_test_never_share_a_question(difficulties):
+def test_train_dev_and_test_never_share_a_question(difficulties):
     train = {p.question for p in generate(2000, split="train", difficulties=difficulties, seed=0)}
+    dev = {p.question for p in generate(300, split="dev", difficulties=difficulties, seed=0)}
     test = {p.question for p in generate(2000, split="test", difficulties=difficulties, seed=0)}
     other_seed = {p.question for p in generate(2000, split="test", difficulties=difficulties, seed=1)}
-    assert len(train) == len(test) == 2000
-    assert not train & test and not train & other_seed
+    assert len(train) == len(test) == 2000 and len(dev) == 300
+    assert not train & test and not train & other_seed and not dev & train and not dev & test
 
 
 def test_generated_problems_are_sound():
@@ -223,7 +224,7 @@ def test_generated_problems_are_sound():
 def test_generator_arguments():
     assert difficulty_of(Problem("gsm8k-3", "q", "1")) is None
     assert generate(0, split="test") == []
-    for bad in (dict(split="dev"), dict(difficulties=(5,)), dict(difficulties=())):
+    for bad in (dict(split="valid"), dict(difficulties=(5,)), dict(difficulties=())):
         with pytest.raises(ValueError):
             generate(3, **bad)
     custom = generate(3, split="train", answer_prefix="Answer:")
@@ -333,5 +334,5 @@ def test_bad_task_configs():
     with pytest.raises(ConfigError, match="difficulties"):
         build(TaskConfig, {"difficulties": [0, 5]}, "task")
     with pytest.raises(ConfigError, match="split"):
-        build(TaskConfig, {"split": "dev"}, "task")
+        build(TaskConfig, {"split": "valid"}, "task")
     assert build(TaskConfig, {"difficulties": [1, 3]}, "task").difficulties == (1, 3)
