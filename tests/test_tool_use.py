@@ -238,3 +238,37 @@ def test_baseline_table_has_a_column_per_tool():
     table = module.table_markdown(rows)
     assert "accuracy (none)" in table and "accuracy (python)" in table
     assert "| mawps_singleop | greedy | 100 | 17.0% | 10.0-26.0 | 39.0% | 30.0-49.0 | 94% of 98 |" in table
+
+
+@pytest.mark.slow
+def test_the_default_model_writes_programs_that_run(default_model_dir):
+    """The embedded SmolLM2-135M with the tool-format prompt (transformers, greedy): it writes programs,
+    they run in the sandbox, their output is in the solution as the environment's block, and one search
+    wave on the same problems grows program steps."""
+    from harness.evaluation import EvalConfig, evaluate_problems
+    from policy.backends import BackendConfig, make_backend
+    from policy.models import load_tokenizer
+    from policy.prompts import PromptConfig, PromptFormatter
+    from tasks import TaskConfig, make_task
+
+    task = make_task(TaskConfig(name="arith_dev", kind="arith", split="dev", n=3), TOOL)
+    formatter = PromptFormatter(load_tokenizer(str(default_model_dir)), task, PromptConfig())
+    backend = make_backend(BackendConfig(name="hf"), str(default_model_dir))
+    try:
+        result = evaluate_problems(task, task.problems(), backend=backend, formatter=formatter,
+                                   gen=GenerationConfig(solution_max_tokens=128), cfg=EvalConfig(mode="greedy"),
+                                   search=SearchConfig(), params=1, tool=TOOL)
+        calls = [c for r in result["records"] for c in r.get("tool_calls", [])]
+        assert calls and any(c["ok"] for c in calls), [r["output"] for r in result["records"]]
+        ran = next(r for r in result["records"] if r.get("tool_calls"))
+        assert [ran["output"][a:b] for a, b in output_spans(ran["output"])][0].strip("\n`") == ran["tool_calls"][0]["output"]
+        policy = StepPolicy(backend, formatter, GenerationConfig(step_max_tokens=32), eval_with_reference=False, tool=TOOL)
+        expansions = policy.expand([ExpandRequest(p, ("Let's write a program.",), n=2, seed=i)
+                                    for i, p in enumerate(task.problems())])
+        steps = [s for e in expansions for s in e.samples]
+        assert any(s.tool_calls for s in steps), [s.text for s in steps]
+        for s in steps:
+            if s.tool_calls:
+                assert s.text.startswith("```python") and output_spans(s.text)
+    finally:
+        backend.close()
