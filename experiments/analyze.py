@@ -75,6 +75,7 @@ from mcts.tree import Node, Tree, read_trees  # noqa: E402
 from tasks import KINDS as TASK_KINDS  # noqa: E402
 from tasks.extract import extract_answer, prefix_pattern  # noqa: E402
 from tasks.task import answer_matches  # noqa: E402
+from tools.format import prose  # noqa: E402
 
 log = logging.getLogger("analyze")
 
@@ -155,7 +156,13 @@ def first_answer(output: str, prefix: str = "The answer is") -> str:
     return output if end < 0 else output[:end]
 
 
-def count_first_correct(records: Any, prefix: str, answer_format: str) -> int | None:
+def stated(output: str, tool: bool) -> str:
+    """The words an answer is read from: with tools, the output without its programs and their output
+    blocks (tools.format.prose, as the task's extractor reads them), else the output."""
+    return prose(output) if tool else output
+
+
+def count_first_correct(records: Any, prefix: str, answer_format: str, tool: bool = False) -> int | None:
     """Records answered right when graded at their first answer line, with the evaluation's own
     extractor and checker; None unless every record has an output and a gold answer."""
     if not isinstance(records, list) or not records:
@@ -163,14 +170,14 @@ def count_first_correct(records: Any, prefix: str, answer_format: str) -> int | 
     if not all(isinstance(r, Mapping) and isinstance(r.get("output"), str) and isinstance(r.get("gold"), str)
                for r in records):
         return None
-    return sum(answer_matches(r["gold"], extract_answer(first_answer(r["output"], prefix), prefix=prefix,
+    return sum(answer_matches(r["gold"], extract_answer(first_answer(stated(r["output"], tool), prefix), prefix=prefix,
                                                         answer_format=answer_format), answer_format)
                for r in records)
 
 
-def count_run_on(records: Any, prefix: str) -> int | None:
+def count_run_on(records: Any, prefix: str, tool: bool = False) -> int | None:
     outputs = [r.get("output") for r in records if isinstance(r, Mapping)] if isinstance(records, list) else []
-    outputs = [o for o in outputs if isinstance(o, str)]
+    outputs = [stated(o, tool) for o in outputs if isinstance(o, str)]
     return sum(runs_on(o, prefix) for o in outputs) if outputs else None
 
 
@@ -747,7 +754,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def eval_point(name: str, data: Any, path: Path, prefix: str = "The answer is",
-               answer_format: str = "number") -> EvalPoint:
+               answer_format: str = "number", tool: bool = False) -> EvalPoint:
     try:
         return EvalPoint(task=str(data.get("task", name)), accuracy=float(data["accuracy"]),
                          ci95=(float(data["ci95"][0]), float(data["ci95"][1])), n=int(data["n"]),
@@ -755,8 +762,8 @@ def eval_point(name: str, data: Any, path: Path, prefix: str = "The answer is",
                          mode=str(data.get("mode", "greedy")), k=data.get("k"),
                          outcomes=record_outcomes(data.get("records") or [], f"{path}: entry {name!r}"),
                          generated_tokens=int(data["compute"].get("generated_tokens") or 0),
-                         run_on=count_run_on(data.get("records"), prefix),
-                         first_correct=count_first_correct(data.get("records"), prefix, answer_format))
+                         run_on=count_run_on(data.get("records"), prefix, tool),
+                         first_correct=count_first_correct(data.get("records"), prefix, answer_format, tool))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         raise AnalysisError(f"{path}: entry {name!r} is not an evaluation result (missing or bad {err})") from None
 
@@ -779,8 +786,9 @@ def read_evals(path: Path, config: Mapping[str, Any] | None = None) -> dict[str,
     if not isinstance(data, dict):
         raise AnalysisError(f"{path}: expected {{task: result}}")
     config = config or {}
+    tool = str(config.get("tool.name") or "none") != "none"
     return {name: eval_point(name, r, path, str(config.get(f"eval_tasks.{name}.answer_prefix") or "The answer is"),
-                             answer_format_of(config, f"eval_tasks.{name}"))
+                             answer_format_of(config, f"eval_tasks.{name}"), tool)
             for name, r in data.items()}
 
 

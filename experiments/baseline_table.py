@@ -35,6 +35,7 @@ from harness.settings import load_settings  # noqa: E402
 from policy.backends import make_backend  # noqa: E402
 from policy.models import count_parameters, load_tokenizer, resolve_model_path  # noqa: E402
 from policy.prompts import PromptFormatter  # noqa: E402
+from policy.tool_use import ran_share  # noqa: E402
 from tasks import make_task  # noqa: E402
 
 log = logging.getLogger("baseline_table")
@@ -76,7 +77,7 @@ def table_markdown(rows: list[dict]) -> str:
         by_task.setdefault(r["label"], {})[r.get("tool_name", "none")] = r
     for label, per_tool in by_task.items():
         first = next(iter(per_tool.values()))
-        ran = [f"{100 * (1 - r['tool']['failed'] / r['tool']['calls']):.0f}% of {r['tool']['calls']}"
+        ran = [f"{100 * ran_share(r['tool']):.0f}% of {r['tool']['calls']}"
                for r in per_tool.values() if r.get("tool", {}).get("calls")]
         levels = "; ".join(f"{t}: " + ", ".join(f"d{k} {100 * g['accuracy']:.0f}%" for k, g in r["by_difficulty"].items())
                            for t, r in per_tool.items() if r.get("by_difficulty"))

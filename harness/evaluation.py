@@ -21,7 +21,7 @@ from mcts.types import Problem
 from policy.backends.base import Backend, SamplingSettings
 from policy.prompts import PromptFormatter
 from policy.step_policy import GenerationConfig, StepPolicy
-from policy.tool_use import ToolExecutor, sample_solutions
+from policy.tool_use import ToolExecutor, ran_share, sample_solutions
 from tools.config import ToolConfig
 from tasks.arith import difficulty_of
 
@@ -213,7 +213,7 @@ def summary_line(result: dict[str, Any]) -> str:
         line += f", pass@{result['k']} {100 * result['pass_at_k']:.1f}%"
     if result.get("tool", {}).get("calls"):
         tool = result["tool"]
-        line += f"; {tool['calls']} programs, {100 * (1 - tool['failed'] / tool['calls']):.0f}% ran"
+        line += f"; {tool['calls']} programs, {100 * ran_share(tool):.0f}% ran"
     if result.get("by_difficulty"):
         line += "; by difficulty " + ", ".join(
             f"d{level} {100 * g['accuracy']:.0f}% ({g['correct']}/{g['n']})" for level, g in result["by_difficulty"].items())

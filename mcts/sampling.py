@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from mcts.search import derive_seed
 from mcts.select import normalize_step, step_priors
 from mcts.tree import ROOT, Tree
-from mcts.types import ExpandRequest, Expander, Problem, Verifier
+from mcts.types import ExpandRequest, Expander, Problem, Verifier, programs_run
 
 SOURCE = "sampling"
 
@@ -37,7 +37,7 @@ def sample_tree(problem: Problem, expansion, *, verifier: Verifier, length_expon
     tree.compute["prompt_tokens"] += expansion.prompt_tokens
     tree.compute["cached_tokens"] += expansion.cached_tokens
     tree.compute["expansions"] += 1
-    tree.compute["tool_calls"] += sum(len(s.tool_calls) for s in samples)
+    tree.compute["tool_calls"] += sum(programs_run(s.tool_calls) for s in samples)
     priors = step_priors([s.logprob for s in samples], [s.num_tokens for s in samples],
                          length_exponent=length_exponent) if samples else []
     for sample, prior in zip(samples, priors):

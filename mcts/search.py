@@ -47,7 +47,7 @@ from mcts.select import (
     step_priors,
 )
 from mcts.tree import ROOT, Tree
-from mcts.types import EvalRequest, Evaluator, Expander, ExpandRequest, Problem, Verifier
+from mcts.types import EvalRequest, Evaluator, Expander, ExpandRequest, Problem, Verifier, programs_run
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def _add_children(tree: Tree, leaf: int, expansion, *, verifier: Verifier, confi
     tree.compute["prompt_tokens"] += expansion.prompt_tokens
     tree.compute["cached_tokens"] += expansion.cached_tokens
     tree.compute["expansions"] += 1
-    tree.compute["tool_calls"] += sum(len(s.tool_calls) for s in samples)
+    tree.compute["tool_calls"] += sum(programs_run(s.tool_calls) for s in samples)
     priors = step_priors([s.logprob for s in samples], [s.num_tokens for s in samples],
                          length_exponent=config.length_exponent)
     depth = tree.nodes[leaf].depth + 1

@@ -27,6 +27,10 @@ class Problem:
     solution: str | None = None
 
 
+NO_PROGRAM_ERROR = "no_program"
+"""ToolCall.error of the environment's answer to an output fence with no program before it: nothing ran."""
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """One program that a step ran (tool-integrated reasoning, ToRA).
@@ -43,6 +47,11 @@ class ToolCall:
     ok: bool
     seconds: float
     error: str | None = None
+
+
+def programs_run(calls) -> int:
+    """Programs actually run among `calls` (ToolCalls or their dicts): a no-program answer is not one."""
+    return sum((c.get("error") if isinstance(c, dict) else c.error) != NO_PROGRAM_ERROR for c in calls)
 
 
 @dataclass(frozen=True)

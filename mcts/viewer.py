@@ -33,10 +33,12 @@ OPEN_DEPTH = 3
 """Nodes shallower than this start unfolded."""
 
 NODE_KEYS = ("id", "parent", "depth", "text", "visits", "q", "self_eval", "prior", "outcome", "terminal", "answer",
-             "programs")
-"""The columns of a node row in the embedded JSON (`programs`: [code, output, ok] per tool call)."""
-PROGRAM_FENCE = "```"
-"""Where a tool step's own text ends and its program begins (tools/format.py's fences)."""
+             "segments")
+"""The columns of a node row in the embedded JSON (`segments`: a tool step's text as [kind, text, ok] pieces)."""
+# tools/format.py's fences, repeated because mcts imports nothing of the other packages
+# (tests/test_tool_use.py checks that they agree).
+CODE_OPEN, OUTPUT_OPEN, FENCE = "```python", "```output", "```"
+TEXT, CODE, OUTPUT = "text", "code", "output"
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh}
@@ -53,6 +55,7 @@ details{margin-left:1.2em} summary{cursor:pointer;margin:2px 0}
 .code,.out{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:2px 0 2px 1.2em;padding:2px 6px;font-size:12px}
 .code{background:#f4f4f4;border-left:3px solid #999} .out{background:#eef4ff;border-left:3px solid #36c}
 .out.failed{background:#fff0f0;border-left-color:#c00}
+.prose{white-space:pre-wrap;font-family:ui-monospace,monospace;margin:2px 0 2px 1.2em;font-size:12px}
 """.strip()
 
 JS = """
@@ -65,14 +68,15 @@ function fmt(x, d) { return x === null ? '-' : Number(x).toFixed(d); }
 function line(n) {
   const s = el('span');
   if (n[K.outcome] !== null) s.appendChild(el('span', n[K.outcome] > 0 ? 'ok' : 'bad', n[K.outcome] > 0 ? '\\u2713 ' : '\\u2717 '));
-  const progs = n[K.programs] || [];
-  const text = n[K.depth] === 0 ? '(question)' : (progs.length ? n[K.text].split('```')[0].trim() || '(program)' : n[K.text]);
+  const segs = n[K.segments] || [];
+  const text = n[K.depth] === 0 ? '(question)' : (segs.length ? (segs[0][0] === 'text' ? segs[0][1] : '(program)') : n[K.text]);
   const t = el('span', 'step', text); t.style.background = colour(n[K.q]); s.appendChild(t);
   let st = 'Q=' + fmt(n[K.q], 2) + ' N=' + n[K.visits] + ' s=' + fmt(n[K.self_eval], 2) + ' p=' + fmt(n[K.prior], 2);
   if (n[K.outcome] !== null) st += ' o=' + (n[K.outcome] > 0 ? '+1' : '-1');
   if (n[K.terminal]) st += ' answer=' + (n[K.answer] === null ? '-' : n[K.answer]);
   s.appendChild(el('span', 'stats', st));
-  progs.forEach(p => { s.appendChild(el('div', 'code', p[0])); s.appendChild(el('div', p[2] ? 'out' : 'out failed', p[1])); });
+  segs.forEach((g, i) => { if (i === 0 && g[0] === 'text') return;
+    s.appendChild(el('div', g[0] === 'code' ? 'code' : (g[0] === 'output' ? (g[2] ? 'out' : 'out failed') : 'prose'), g[1])); });
   return s;
 }
 function build(nodes, kids, id) {
@@ -109,21 +113,51 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 def compact(tree: Tree) -> dict:
     """The embedded form of a tree: problem fields and one row per node (NODE_KEYS order)."""
     rows = [[n.id, n.parent, n.depth, n.text, n.visits, _round(n.q), _round(n.self_eval), _round(n.prior),
-             n.outcome, n.terminal, n.answer, _programs(n)] for n in tree.nodes]
+             n.outcome, n.terminal, n.answer, segments(n)] for n in tree.nodes]
     return {"problem_id": tree.problem.id, "question": tree.problem.question, "gold": tree.problem.answer,
             "solved": solved(tree), "nodes": rows}
 
 
-def _programs(node) -> list[list]:
-    return [[c.get("code", ""), c.get("output", ""), bool(c.get("ok"))] for c in node.tool_calls]
+def segments(node) -> list[list]:
+    """A tool step's text in order as [kind, text, ok] pieces: prose, each program's code, each output
+    (ok: the matching tool call ran); [] for a step without tool calls (shown as its text)."""
+    if not node.tool_calls:
+        return []
+    out: list[list] = []
+    kind, lines, outputs = TEXT, [], 0
+
+    def flush():
+        nonlocal outputs
+        body = "\n".join(lines).strip("\n")
+        ok = True
+        if kind == OUTPUT:
+            ok = bool(node.tool_calls[outputs].get("ok")) if outputs < len(node.tool_calls) else False
+            outputs += 1
+        if body or kind != TEXT:
+            out.append([kind, body, ok])
+        lines.clear()
+
+    for line in node.text.split("\n"):
+        stripped = line.strip()
+        if kind == TEXT and stripped.startswith((CODE_OPEN, OUTPUT_OPEN)):
+            flush()
+            kind = CODE if stripped.startswith(CODE_OPEN) else OUTPUT
+        elif kind != TEXT and stripped == FENCE:
+            flush()
+            kind = TEXT
+        else:
+            lines.append(line)
+    flush()
+    return out
 
 
 def step_text(node) -> str:
-    """The text a node's line shows: a tool step's own words before its program (its programs and
-    outputs are shown apart), any other step's whole text."""
-    if not node.tool_calls:
+    """The text a node's line shows: a tool step's prose before its first program (the rest is shown in
+    pieces below it), any other step's whole text."""
+    pieces = segments(node)
+    if not pieces:
         return node.text
-    return node.text.split(PROGRAM_FENCE)[0].strip() or "(program)"
+    return pieces[0][1] if pieces[0][0] == TEXT else "(program)"
 
 
 def q_colour(q: float) -> str:
@@ -148,9 +182,10 @@ def node_line_html(tree: Tree, node_id: int) -> str:
         stats += " o=" + ("+1" if n.outcome > 0 else "-1")
     if n.terminal:
         stats += " answer=" + html.escape("-" if n.answer is None else n.answer)
-    programs = "".join(f'<div class="code">{html.escape(code)}</div>'
-                       f'<div class="{"out" if ok else "out failed"}">{html.escape(output)}</div>'
-                       for code, output, ok in _programs(n))
+    pieces = segments(n)
+    classes = {CODE: "code", TEXT: "prose"}
+    programs = "".join(f'<div class="{classes.get(kind, "out" if ok else "out failed")}">{html.escape(body)}</div>'
+                       for i, (kind, body, ok) in enumerate(pieces) if not (i == 0 and kind == TEXT))
     return (f'<span>{mark}<span class="step" style="background:{q_colour(n.q)}">{text}</span>'
             f'<span class="stats">{stats}</span>{programs}</span>')
 

@@ -12,15 +12,15 @@ they are written (policy/tool_use.py).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from mcts.types import EvalRequest, Evaluation, Expansion, ExpandRequest, StepSample
 from policy.backends.base import FINISH_STOP, Backend, SamplingSettings
 from policy.prompts import PromptFormatter
-from policy.tool_use import ToolExecutor, complete_programs, programs_in, sample_solutions
+from policy.tool_use import ToolExecutor, complete_programs, no_program, sample_solutions
 from tools.config import ToolConfig
-from tools.format import opens_code
+from tools.format import OUTPUT_OPEN, count_programs, opens_code, output_block
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class StepPolicy:
         for i, r in enumerate(requests):
             groups[(r.n, r.to_end)].append(i)
         prompts = [self.formatter.solution_prompt(r.problem, r.steps) for r in requests]
-        calls = [programs_in(r.steps) for r in requests] if self.executor else [0] * len(requests)
+        calls = [count_programs(r.steps) for r in requests] if self.executor else [0] * len(requests)
         out: list[Expansion | None] = [None] * len(requests)
         steps: dict[int, list[StepSample]] = {}
         cost: dict[int, list[int]] = {}
@@ -88,8 +88,15 @@ class StepPolicy:
 
     def _complete_programs(self, prompts: list[str], steps: dict[int, list[StepSample]], cost: dict[int, list[int]],
                            calls: list[int]) -> None:
-        """Every sampled step that opens a program becomes the program with its output (one batch)."""
+        """Every sampled step that opens a program becomes the program with its output (one batch). A step
+        that opens an output block itself (a made-up output, no program) gets the environment's
+        no-program answer, so every output block in a tree is the environment's text."""
         sep = self.formatter.cfg.step_separator
+        for samples in steps.values():
+            for j, s in enumerate(samples):
+                if not s.finished and s.text.lstrip().startswith(OUTPUT_OPEN):
+                    call = no_program()
+                    samples[j] = replace(s, text=OUTPUT_OPEN + output_block(call.output), tool_calls=(call,))
         where = [(i, j) for i, samples in steps.items() for j, s in enumerate(samples)
                  if not s.finished and opens_code(s.text)]
         if not where:

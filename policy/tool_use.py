@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from mcts.types import ToolCall
+from mcts.types import NO_PROGRAM_ERROR, ToolCall
 from policy.backends.base import FINISH_LENGTH, FINISH_STOP, Backend, Completion, SamplingSettings
 from tools.config import ToolConfig
-from tools.format import OUTPUT_OPEN, count_programs, extract_code, output_block, sanitize_output
+from tools.format import OUTPUT_OPEN, extract_code, output_block, sanitize_output
 from tools.sandbox import run_programs
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,16 @@ class _Draft:
     prior_calls: int = 0
 
 
+def no_program() -> ToolCall:
+    """The environment's answer to an output fence with no program before it (nothing was run)."""
+    return ToolCall(code="", output=NO_PROGRAM, ok=False, seconds=0.0, error=NO_PROGRAM_ERROR)
+
+
+def ran_share(stats: dict) -> float | None:
+    """The share of run programs that exited normally (ToolStats.as_dict()); None when none ran."""
+    return 1 - stats["failed"] / stats["calls"] if stats.get("calls") else None
+
+
 class ToolExecutor:
     """Runs the programs of one wave in one sandbox batch and counts what that cost."""
 
@@ -96,8 +106,7 @@ class ToolExecutor:
         if real:
             self.stats.batches += 1
             self.stats.seconds += time.perf_counter() - start
-        out: list[ToolCall] = [ToolCall(code="", output=NO_PROGRAM, ok=False, seconds=0.0, error="no_program")
-                               for _ in codes]
+        out: list[ToolCall] = [no_program() for _ in codes]
         for i, r in zip(real, results):
             out[i] = ToolCall(code=codes[i], output=sanitize_output(r.output), ok=r.ok, seconds=r.seconds, error=r.error)
             self.stats.calls += 1
@@ -129,21 +138,18 @@ def _continue(drafts: list[_Draft], prompts: Sequence[str], backend: Backend, ex
         for d, call in zip(pending, calls):
             d.text += OUTPUT_OPEN + output_block(call.output)
             d.calls.append(call)
-        follow = [replace(settings, n=1, max_tokens=max(1, budget - d.num_tokens)) for d in pending]
-        by_tokens: dict[int, list[int]] = {}
-        for i, s in enumerate(follow):
-            by_tokens.setdefault(s.max_tokens, []).append(i)
-        for max_tokens, idx in by_tokens.items():
-            outs = backend.sample([prompts[pending[i].prompt] + pending[i].text for i in idx],
-                                  replace(settings, n=1, max_tokens=max_tokens))
-            for i, completion in zip(idx, outs):
-                d, s = pending[i], completion.samples[0]
-                d.text += s.text
-                d.num_tokens += s.num_tokens
-                d.logprob += s.logprob
-                d.finish_reason = s.finish_reason
-                cost[d.prompt][0] += completion.prompt_tokens
-                cost[d.prompt][1] += completion.cached_tokens
+        # One call for every continuation of this round (lockstep batching); its length limit is the
+        # largest budget left, so a draft may end up to (that - its own) tokens past the budget.
+        max_tokens = max(1, max(budget - d.num_tokens for d in pending))
+        outs = backend.sample([prompts[d.prompt] + d.text for d in pending], replace(settings, n=1, max_tokens=max_tokens))
+        for d, completion in zip(pending, outs):
+            s = completion.samples[0]
+            d.text += s.text
+            d.num_tokens += s.num_tokens
+            d.logprob += s.logprob
+            d.finish_reason = s.finish_reason
+            cost[d.prompt][0] += completion.prompt_tokens
+            cost[d.prompt][1] += completion.cached_tokens
 
 
 def sample_solutions(backend: Backend, prompts: Sequence[str], settings: SamplingSettings,
@@ -195,11 +201,6 @@ def complete_programs(backend: Backend, prompts: Sequence[str], openings: Sequen
     for d in drafts:
         out[live[d.prompt]] = (_sample(d), cost[d.prompt][0], cost[d.prompt][1])
     return out  # type: ignore[return-value]
-
-
-def programs_in(steps: Sequence[str]) -> int:
-    """Programs already run in a partial solution."""
-    return count_programs(steps)
 
 
 def _sample(d: _Draft) -> ToolSample:

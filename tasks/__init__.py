@@ -37,7 +37,7 @@ class TaskConfig:
         jsonl (any file, with the *_field settings) or multiple_choice.
     path: the data file (all kinds but arith); a relative path is taken from the project root (the
         folder holding tasks/), not from the working directory.
-    split: arith only: train or test (disjoint question sets).
+    split: arith only: train, dev or test (disjoint question sets; dev is for choosing defaults).
     n: arith only: how many problems to generate.
     difficulties: arith only: numbers of operations (1-4); problem i has difficulties[i % len].
     seed: arith only: which problems to generate.

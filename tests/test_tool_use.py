@@ -190,13 +190,22 @@ def test_pairs_say_where_they_branch_at_a_program_and_keep_its_output_block():
 
 
 def test_the_viewer_shows_programs_and_outputs_apart():
-    from mcts.viewer import render_html, step_text
+    import mcts.viewer as viewer
+    import tools.format as fmt
+    from mcts.tree import Node
 
+    assert (viewer.CODE_OPEN, viewer.OUTPUT_OPEN, viewer.FENCE) == (fmt.CODE_OPEN, fmt.OUTPUT_OPEN, fmt.FENCE)
     tree = _program_tree()
-    assert step_text(tree.nodes[1]) == "(program)"
-    page = render_html([tree])
+    assert viewer.step_text(tree.nodes[1]) == "(program)"
+    page = viewer.render_html([tree])
     assert '<div class="code">print(12 + 5)</div>' in page and '<div class="out">17</div>' in page
-    assert '"programs"' in page
+    assert '"segments"' in page
+    whole = Node(id=5, parent=0, depth=1, text="Add.\n```python\nprint(1/0)\n```\n```output\nZeroDivisionError\n```"
+                 "\nSo 17.\n```python\nprint(17)\n```\nThe answer is 17.",
+                 tool_calls=[{"code": "print(1/0)", "output": "ZeroDivisionError", "ok": False}])
+    assert viewer.segments(whole) == [["text", "Add.", True], ["code", "print(1/0)", True],
+                                      ["output", "ZeroDivisionError", False], ["text", "So 17.", True],
+                                      ["code", "print(17)", True], ["text", "The answer is 17.", True]]
 
 
 def test_greedy_evaluation_runs_programs_and_reports_them():
@@ -272,3 +281,60 @@ def test_the_default_model_writes_programs_that_run(default_model_dir):
                 assert s.text.startswith("```python") and output_spans(s.text)
     finally:
         backend.close()
+
+
+class _Varied(ScriptedBackend):
+    """Whole solutions of different lengths per prompt; after the first output block, a bare output fence
+    (no new program); after the second block, the answer."""
+
+    def _one(self, prompt, settings):
+        if prompt.count("```output") == 1 and prompt.endswith("```"):
+            return Sample("\nso\n", 2, -0.2, FINISH_STOP)  # stopped at the output fence again, no program
+        if prompt.endswith("```"):
+            return Sample("\nThe answer is 17.", 5, -0.5, FINISH_EOS)
+        return Sample("Add.\n" + PROGRAM, 10 + len(prompt) % 5, -1.0, FINISH_STOP)
+
+
+def test_continuations_are_one_call_per_round_and_a_bare_fence_runs_nothing():
+    from policy.backends.base import SamplingSettings
+
+    backend = _Varied()
+    executor = ToolExecutor(TOOL)
+    prompts = ["Q1\n", "Q22\n", "Q333\n"]
+    completions = sample_solutions(backend, prompts, SamplingSettings(n=2, max_tokens=100), executor)
+    assert [len(batch) for batch, _ in backend.calls] == [3, 6, 6]  # first call, then one per round
+    for c in completions:
+        [first, second] = c.samples[0].tool_calls
+        assert first.ok and first.output == "17"
+        assert second.error == "no_program" and not second.code  # the earlier program is not run again
+        assert c.samples[0].text.endswith("```output\nno program before the output fence\n```\nThe answer is 17.")
+    assert executor.stats.calls == 6  # programs actually run: one per sample
+
+
+def test_a_made_up_output_step_gets_the_environments_answer():
+    class MadeUp(ScriptedBackend):
+        def _one(self, prompt, settings):
+            return Sample("```output", 3, -0.3, FINISH_STOP)
+
+    policy = StepPolicy(MadeUp(), Formatter(), GenerationConfig(), eval_with_reference=False, tool=TOOL)
+    [expansion] = policy.expand([ExpandRequest(PROBLEM, (), n=1)])
+    [step] = expansion.samples
+    assert step.text == "```output\nno program before the output fence\n```" and step.num_tokens == 3
+    assert step.tool_calls[0].error == "no_program" and policy.tool_stats["calls"] == 0
+    from mcts.types import programs_run
+
+    assert programs_run(step.tool_calls) == 0
+
+
+def test_analysis_reads_tool_answers_as_the_task_does():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("analyze", Path(__file__).parent.parent / "experiments" / "analyze.py")
+    analyze = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analyze)
+    output = "```python\nprint('The answer is 9')\n```\n```output\nThe answer is 9\n```\nThe answer is 17."
+    records = [{"output": output, "gold": "17"}]
+    assert analyze.count_first_correct(records, "The answer is", "number", tool=True) == 1
+    assert analyze.count_first_correct(records, "The answer is", "number", tool=False) == 0  # a program's print
+    assert analyze.count_run_on(records, "The answer is", tool=True) == 0

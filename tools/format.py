@@ -25,7 +25,7 @@ OUTPUT_OPEN = "```output"  # the policy's last words before the environment spea
 FENCE_STAND_IN = "'''"  # a fence inside program output would end the block early; it is written as this
 
 _OUTPUT = re.compile(re.escape(OUTPUT_OPEN) + r"(\n.*?\n" + re.escape(FENCE) + ")", re.DOTALL)
-_CODE = re.compile(re.escape(CODE_OPEN) + r"[ \t]*\n(.*?)(?:\n[ \t]*" + re.escape(FENCE) + r"|\Z)", re.DOTALL)
+_CODE = re.compile(re.escape(CODE_OPEN) + r"[ \t]*\n(.*?)(?:^[ \t]*" + re.escape(FENCE) + r"|\Z)", re.DOTALL | re.MULTILINE)
 
 
 def opens_code(step: str) -> bool:
@@ -34,12 +34,14 @@ def opens_code(step: str) -> bool:
 
 
 def extract_code(text: str) -> str | None:
-    """The source of the last program in `text` (between the python fence and its closing fence, or the
-    end of the text when the closing fence is missing); None when there is no program."""
-    matches = list(_CODE.finditer(text))
+    """The source of the last program in `text` after its last output block (between the python fence
+    and its closing fence, or the end of the text when the closing fence is missing); None when there is
+    no new program (an output fence written after an output block without a program in between)."""
+    spans = output_spans(text)
+    matches = list(_CODE.finditer(text, spans[-1][1] if spans else 0))
     if not matches:
         return None
-    code = matches[-1].group(1)
+    code = matches[-1].group(1).rstrip("\n")
     return code if code.strip() else None
 
 
@@ -88,8 +90,9 @@ def split_program_step(step: str) -> tuple[str, str, str | None] | None:
         return None
     before = step[:match.start()].rstrip("\n")
     spans = output_spans(step)
+    code = match.group(1).rstrip("\n")
     output = None
     if spans:
         start, end = spans[0]
         output = step[start + 1:end - len(FENCE) - 1]
-    return before, match.group(1), output
+    return before, code, output
