@@ -91,6 +91,10 @@ LAUNCHER_PROCESSES = 2  # the launcher and the pid namespace's init, counted in 
 LAUNCHER_MB = 32  # memory cgroup room for those two above memory_mb (ours; a whole trivial call peaks at ~7 MB)
 STDERR_TAIL_BYTES = 65536  # of a program's stderr only the end is kept: the traceback's last line (ours)
 KILL_GRACE_S = 2.0  # longest wait for the kill of a call's processes before giving up on them (ours)
+PROBE_CGROUP = dict(max_processes=1, memory_mb=64)  # the throwaway cgroup that tests writability (ours)
+PROBE_FLOOR = dict(timeout_s=10.0, cpu_s=10, memory_mb=256, max_processes=4)  # the probe program's least limits (ours)
+POLL_S = 0.002  # how often a wait for a process's end looks again (ours)
+RMDIR_POLL_S = 0.005  # how often the removal of a call's emptied cgroup is tried again (ours)
 _TOKEN = "mctsloop-sandbox"  # names the per-call cgroups and work dirs
 
 
@@ -466,7 +470,7 @@ def _probe(cfg: SandboxConfig) -> _Machine:
         missing = {"pids", "memory"} - set(bases)
         if missing:
             raise OSError(f"no writable v1 hierarchy for {sorted(missing)}")
-        probe_cfg = dataclasses.replace(cfg, max_processes=1, memory_mb=64)
+        probe_cfg = dataclasses.replace(cfg, **PROBE_CGROUP)
         _CallCgroup(bases, probe_cfg).remove()
         features.add("cgroup")
         _remove_stale_cgroups(bases)
@@ -476,8 +480,7 @@ def _probe(cfg: SandboxConfig) -> _Machine:
     needed = [sys.base_prefix, sys.base_exec_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable)),
               *site_dirs]
     expose = _exposures([os.path.realpath(p) for p in needed], cfg.uid) if root else ()
-    probe_cfg = dataclasses.replace(cfg, timeout_s=max(cfg.timeout_s, 10.0), cpu_s=max(cfg.cpu_s, 10),
-                                    memory_mb=max(cfg.memory_mb, 256), max_processes=max(cfg.max_processes, 4))
+    probe_cfg = dataclasses.replace(cfg, **{k: max(getattr(cfg, k), v) for k, v in PROBE_FLOOR.items()})
     facts: dict = {}
     machine = _Machine(frozenset(features), tuple(bases.items()), expose, site_dirs, (), {})
     for _ in range(len(FEATURES) + 1):
@@ -588,7 +591,7 @@ class _CallCgroup:
                     pass
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.002)
+            time.sleep(POLL_S)
 
     def oom_killed(self) -> bool:
         """Whether the kernel killed a process of the call at the memory limit."""
@@ -616,7 +619,7 @@ class _CallCgroup:
                     if time.monotonic() > deadline:
                         log.debug("cgroup %s not removed: %s", d, exc)
                         break
-                    time.sleep(0.005)
+                    time.sleep(RMDIR_POLL_S)
         self.dirs = []
 
 
@@ -857,7 +860,7 @@ def _kill(proc: subprocess.Popen, cgroup: _CallCgroup | None, report: _Report) -
     while report.init_pid is not None and _running(report.init_pid):
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.002)
+        time.sleep(POLL_S)
     return True
 
 
