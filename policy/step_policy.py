@@ -4,9 +4,10 @@ One wave of the search becomes a constant number of backend calls: expansions ar
 sampling settings (root breadth, inner breadth, to-the-end), self-evaluations go in one call.
 
 With a tool (`tool.name=python`), a sampled step that opens a program is continued to the output
-fence, every such program of the wave runs in one sandbox batch, and the step becomes the whole
-program with its output block (one node in the tree); to-the-end expansions run their programs as
-they are written (policy/tool_use.py).
+fence (one engine call for the wave), the wave's programs run in one sandbox batch, and the step
+becomes the whole program with its output block (one node in the tree); to-the-end expansions run
+their programs as they are written, in rounds of one sandbox batch and one engine call
+(policy/tool_use.py).
 """
 
 from __future__ import annotations
