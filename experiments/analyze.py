@@ -75,6 +75,7 @@ from mcts.tree import Node, Tree, read_trees  # noqa: E402
 from tasks import KINDS as TASK_KINDS  # noqa: E402
 from tasks.extract import extract_answer, prefix_pattern  # noqa: E402
 from tasks.task import answer_matches  # noqa: E402
+from harness.stats import T975, Z975, paired_difference, t_quantile  # noqa: E402,F401
 from tools.format import prose  # noqa: E402
 
 log = logging.getLogger("analyze")
@@ -93,11 +94,6 @@ SAMPLING_PAIRS_KEYS = ("pairs.source", "pairs.samples", "pairs.max_pairs_per_tre
 INITIAL = "initial"
 LOSS_PANEL_COLUMNS = 4
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard tables).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)
-Z975 = 1.96
 
 
 class AnalysisError(ValueError):
@@ -377,10 +373,6 @@ class Band:
 # --- pure functions: statistics, configs, pair quality --------------------------------------------------
 
 
-def t_quantile(df: int) -> float:
-    return T975[df - 1] if 1 <= df <= len(T975) else Z975
-
-
 def mean_band(values: Sequence[float]) -> Band | None:
     """Mean with a 95% t-interval (Student) over `values`; a single value gets a zero-width band."""
     vals = [float(v) for v in values if v is not None]
@@ -405,36 +397,6 @@ def accuracy_band(points: Sequence[EvalPoint]) -> Band | None:
         return Band(p.accuracy, p.ci95[0], p.ci95[1], 1, "wilson")
     b = mean_band([p.accuracy for p in points])
     return Band(b.mean, max(0.0, b.low), min(1.0, b.high), b.n, b.method)
-
-
-def paired_difference(seeds: Sequence[tuple[Mapping[str, bool], Mapping[str, bool]]]) -> dict[str, Any] | None:
-    """Accuracy difference other - base from per-seed (base outcomes, other outcomes) on the problems
-    both answered: each problem's difference is averaged over the seeds that have it, then the mean
-    over problems gets a 95% interval over problems (t, or normal from 30 problems on). Comparing the
-    same problems cancels their difficulty, so the interval is far narrower than two accuracies'
-    own; it covers the draw of problems, and the seeds' spread only through their average (see
-    `per_seed`). None when no problem is shared."""
-    by_problem: dict[str, list[int]] = {}
-    per_seed, other_only, base_only = [], 0, 0
-    for base, other in seeds:
-        shared = sorted(set(base) & set(other))
-        if not shared:
-            continue
-        diffs = [int(other[p]) - int(base[p]) for p in shared]
-        per_seed.append(sum(diffs) / len(diffs))
-        other_only += diffs.count(1)
-        base_only += diffs.count(-1)
-        for p, d in zip(shared, diffs):
-            by_problem.setdefault(p, []).append(d)
-    if not by_problem:
-        return None
-    values = [sum(ds) / len(ds) for ds in by_problem.values()]
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
-    return {"problems": n, "diff": mean, "low": mean - half, "high": mean + half, "per_seed": tuple(per_seed),
-            "other_only": other_only, "base_only": base_only}
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from harness.stats import paired_difference, significance
+
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +44,19 @@ def changes(history: list[dict]) -> str:
     lines = []
     for name in sorted(set(first["eval"]) & set(last["eval"])):
         a, b = first["eval"][name], last["eval"][name]
-        lines.append(f"{name}: {100 * a['accuracy']:.1f}% -> {100 * b['accuracy']:.1f}% "
-                     f"({100 * (b['accuracy'] - a['accuracy']):+.1f} points; {b['n']} problems, "
-                     f"95% CI after {100 * b['ci95'][0]:.1f}-{100 * b['ci95'][1]:.1f})")
+        line = (f"{name}: {100 * a['accuracy']:.1f}% -> {100 * b['accuracy']:.1f}% "
+                f"({100 * (b['accuracy'] - a['accuracy']):+.1f} points; {b['n']} problems")
+        diff = paired_difference([(_outcomes(a), _outcomes(b))])
+        if diff is not None:
+            line += (f"; paired on the same {diff['problems']}: {100 * diff['diff']:+.1f} "
+                     f"[{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}], {significance(diff)}")
+        lines.append(line + ")")
     return "\n".join(lines)
+
+
+def _outcomes(result: dict) -> dict[str, bool]:
+    """problem id -> correct, from an evaluation's records."""
+    return {str(r["id"]): bool(r["correct"]) for r in result.get("records") or [] if "id" in r}
 
 
 def flipped_examples(history: list[dict], limit: int = 2) -> str:

@@ -132,3 +132,20 @@ def test_copy_round0_search(tmp_path):
     assert (dst / "initial" / "eval.json").read_text() == '{"a": 1}'
     assert copy_round0_search(src, dst, must_match={}) == []  # everything there: nothing copied
     assert copy_round0_search(tmp_path / "new", tmp_path / "new", must_match={}) == []  # itself: it searches
+
+
+def test_the_summary_gives_the_paired_difference_and_says_whether_it_is_significant():
+    from harness.report import changes
+
+    def evaluation(correct):
+        records = [{"id": f"p{i}", "correct": c} for i, c in enumerate(correct)]
+        n = len(records)
+        return {"accuracy": sum(correct) / n, "n": n, "ci95": [0.0, 1.0], "records": records}
+
+    before = [False] * 60 + [True] * 40
+    gained = [True] * 100
+    text = changes([{"round": "initial", "eval": {"t": evaluation(before)}}, {"round": 0, "eval": {"t": evaluation(gained)}}])
+    assert "paired on the same 100: +60.0 [" in text and "significant gain" in text
+    same = changes([{"round": "initial", "eval": {"t": evaluation(before)}},
+                    {"round": 0, "eval": {"t": evaluation(before[1:] + before[:1])}}])
+    assert "within the noise" in same
