@@ -57,15 +57,21 @@ class ScriptedBackend:
                            cached_tokens=4) for p in prompts]
 
     def choice_probs(self, prompts, choices):
-        raise AssertionError("not used")
+        from policy.backends.base import ChoiceResult
+
+        return [ChoiceResult(probs=(0.6, 0.4), prompt_tokens=20) for _ in prompts]
 
 
 class Formatter:
     class cfg:
         step_separator = "\n"
+        eval_choices = ("A", "B")
 
     def solution_prompt(self, problem, steps):
         return f"Q: {problem.question}\n" + "".join(s + "\n" for s in steps)
+
+    def eval_prompt(self, problem, steps, *, with_reference):
+        return self.solution_prompt(problem, steps) + "Is it right? ("
 
 
 PROBLEM = Problem("p1", "Tom has 12 apples and buys 5 more. How many?", "17")
@@ -327,14 +333,22 @@ def test_a_made_up_output_step_gets_the_environments_answer():
 
 
 def test_analysis_reads_tool_answers_as_the_task_does():
-    import importlib.util
-    from pathlib import Path
+    from tests.test_experiments import an as analyze
 
-    spec = importlib.util.spec_from_file_location("analyze", Path(__file__).parent.parent / "experiments" / "analyze.py")
-    analyze = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analyze)
     output = "```python\nprint('The answer is 9')\n```\n```output\nThe answer is 9\n```\nThe answer is 17."
     records = [{"output": output, "gold": "17"}]
     assert analyze.count_first_correct(records, "The answer is", "number", tool=True) == 1
     assert analyze.count_first_correct(records, "The answer is", "number", tool=False) == 0  # a program's print
     assert analyze.count_run_on(records, "The answer is", tool=True) == 0
+
+
+@pytest.mark.parametrize("mode", ["sampling", "mcts"])
+def test_sampling_and_mcts_evaluation_run_programs(mode):
+    from harness.evaluation import EvalConfig, evaluate_problems
+    from tasks import TaskConfig, make_task
+
+    task = make_task(TaskConfig(name="t", kind="arith", n=1), TOOL)
+    result = evaluate_problems(task, [PROBLEM], backend=ScriptedBackend(), formatter=Formatter(), gen=GenerationConfig(),
+                               cfg=EvalConfig(mode=mode, k=3), search=SearchConfig(simulations=3, max_depth=4),
+                               params=1, tool=TOOL)
+    assert result["accuracy"] == 1.0 and result["tool"]["calls"] >= 1 and result["tool"]["failed"] == 0
