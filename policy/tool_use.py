@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from mcts.types import NO_PROGRAM_ERROR, ToolCall
@@ -64,8 +64,7 @@ class ToolStats:
     programs_seconds: float = 0.0  # sum of the programs' own times (more than `seconds` when run in parallel)
 
     def as_dict(self) -> dict:
-        return dict(calls=self.calls, failed=self.failed, batches=self.batches, seconds=self.seconds,
-                    programs_seconds=self.programs_seconds)
+        return asdict(self)
 
 
 @dataclass
@@ -128,10 +127,13 @@ def _continue(drafts: list[_Draft], prompts: Sequence[str], backend: Backend, ex
         pending = [d for d in drafts if _stopped_at_fence(d.finish_reason)]
         if not pending:
             return
-        over = [d for d in pending if d.prior_calls + len(d.calls) >= max_calls or d.num_tokens >= budget]
-        for d in over:  # ToRA: past the last allowed call the solution ends, the program unrun
-            d.finish_reason = FINISH_LENGTH
-        pending = [d for d in pending if d not in over]
+        live = []
+        for d in pending:
+            if d.prior_calls + len(d.calls) >= max_calls or d.num_tokens >= budget:
+                d.finish_reason = FINISH_LENGTH  # ToRA: past the last allowed call the solution ends, the program unrun
+            else:
+                live.append(d)
+        pending = live
         if not pending:
             return
         calls = executor.run([extract_code(d.text) for d in pending])

@@ -15,7 +15,7 @@ from mcts.types import Problem
 from tasks.base import Example
 from tasks.checker import answers_equal, letters_equal
 from tasks.extract import FORMATS, extract_answer
-from tools.format import prose
+from tools.format import program_step, prose
 
 STYLES = ("cot", "python")
 """How a solution is written: chain of thought (one step per line) or ToRA's tool-integrated format
@@ -90,23 +90,22 @@ TOOL_RATIONALE = "Let's write a program."
 _TOOL_SHOTS = {
     "number": (
         _Shot(_SHOTS["number"][0].question,
-              (TOOL_RATIONALE, "```python\ncrayons = 14 + 9 - 5\nprint(crayons)\n```\n```output\n18\n```"), "18"),
+              (TOOL_RATIONALE, program_step("crayons = 14 + 9 - 5\nprint(crayons)", "18")), "18"),
         _Shot(_SHOTS["number"][1].question,
-              (TOOL_RATIONALE, "```python\nmelons = 6 * 8\nbags = melons // 4\nprint(bags)\n```\n```output\n12\n```"),
-              "12"),
+              (TOOL_RATIONALE, program_step("melons = 6 * 8\nbags = melons // 4\nprint(bags)", "12")), "12"),
         _Shot(_SHOTS["number"][2].question,
-              (TOOL_RATIONALE, "```python\nmonday = 25\ntuesday = 2 * monday\nprint(monday + tuesday)\n```\n"
-                               "```output\n75\n```"), "75"),
+              (TOOL_RATIONALE, program_step("monday = 25\ntuesday = 2 * monday\nprint(monday + tuesday)", "75")),
+              "75"),
     ),
     "latex": (
         _Shot(_SHOTS["latex"][0].question,
               ("We add the fractions exactly with sympy.",
-               "```python\nfrom sympy import Rational\nprint(Rational(3, 4) + Rational(1, 6))\n```\n"
-               "```output\n11/12\n```"), "\\boxed{\\frac{11}{12}}"),
+               program_step("from sympy import Rational\nprint(Rational(3, 4) + Rational(1, 6))", "11/12")),
+              "\\boxed{\\frac{11}{12}}"),
         _Shot(_SHOTS["latex"][1].question,
               ("We solve the linear equation with sympy.",
-               "```python\nfrom sympy import symbols, solve\nx = symbols('x')\nprint(solve(3*x - 7 - 11, x))\n```\n"
-               "```output\n[6]\n```"), "\\boxed{6}"),
+               program_step("from sympy import symbols, solve\nx = symbols('x')\nprint(solve(3*x - 7 - 11, x))", "[6]")),
+              "\\boxed{6}"),
     ),
 }
 

@@ -434,15 +434,20 @@ def test_command_prefix_runs_in_front(monkeypatch):
     assert not any(report["namespaces"].values()) and report["command_prefix"] == list(cfg.command_prefix)
 
 
+def break_launcher(monkeypatch, old: str, new: str) -> None:
+    """Make the launcher fail one step (its text `old` becomes `new`) and forget the probed machine."""
+    monkeypatch.setattr(sandbox, "_machines", {})
+    broken = sandbox._LAUNCHER.replace(old, new)
+    assert broken != sandbox._LAUNCHER
+    monkeypatch.setattr(sandbox, "_LAUNCHER", broken)
+
+
 def test_failing_namespace_degrades_with_one_warning(monkeypatch, caplog):
     """A network namespace the kernel refuses (an invalid flag stands in): the probe drops it alone."""
     before = machine().features
     if "net" not in before:
         pytest.skip("no network namespace on this machine")
-    monkeypatch.setattr(sandbox, "_machines", {})
-    broken = sandbox._LAUNCHER.replace('"net": 0x40000000', '"net": 0x1')
-    assert broken != sandbox._LAUNCHER
-    monkeypatch.setattr(sandbox, "_LAUNCHER", broken)
+    break_launcher(monkeypatch, '"net": 0x40000000', '"net": 0x1')
     with caplog.at_level(logging.WARNING, logger="tools.sandbox"):
         result = run_program("print(1)", ROOMY)
     assert result.ok and result.output == "1\n"
@@ -459,10 +464,7 @@ def test_failing_mounts_degrade_to_a_work_dir(monkeypatch, caplog):
     before = machine()
     if "mnt" not in before.features:
         pytest.skip("no mount namespace on this machine")
-    monkeypatch.setattr(sandbox, "_machines", {})
-    broken = sandbox._LAUNCHER.replace('"tmpfs", "/tmp", "tmpfs"', '"tmpfs", "/tmp", "no-such-fs"')
-    assert broken != sandbox._LAUNCHER
-    monkeypatch.setattr(sandbox, "_LAUNCHER", broken)
+    break_launcher(monkeypatch, '"tmpfs", "/tmp", "tmpfs"', '"tmpfs", "/tmp", "no-such-fs"')
     with caplog.at_level(logging.WARNING, logger="tools.sandbox"):
         result = run_program("import os\nopen('mine.txt', 'w').write('x')\nprint(os.getcwd())", ROOMY)
     assert result.ok, result

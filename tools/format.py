@@ -55,6 +55,11 @@ def output_block(output: str) -> str:
     return "\n" + sanitize_output(output) + "\n" + FENCE
 
 
+def program_step(code: str, output: str) -> str:
+    """A program and the output block the environment wrote for it, as one step's text."""
+    return f"{CODE_OPEN}\n{code}\n{FENCE}\n{OUTPUT_OPEN}{output_block(output)}"
+
+
 def output_spans(text: str) -> list[tuple[int, int]]:
     """Character spans [start, end) of the environment's text in `text`: every output block after its
     `OUTPUT_OPEN`, up to and including the closing fence."""
