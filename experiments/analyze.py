@@ -75,6 +75,7 @@ from mcts.tree import Node, Tree, read_trees  # noqa: E402
 from tasks import KINDS as TASK_KINDS  # noqa: E402
 from tasks.extract import extract_answer, prefix_pattern  # noqa: E402
 from tasks.task import answer_matches  # noqa: E402
+from harness.rundir import round_config  # noqa: E402
 from harness.stats import T975, Z975, paired_difference, t_quantile  # noqa: E402,F401
 from tools.format import prose  # noqa: E402
 
@@ -784,7 +785,8 @@ def q_ranked_pairs(trees: Iterable[Tree], config: Mapping[str, Any]) -> list[dic
     child, one step each, `pairs.margin` and `pairs.min_visits` of the run): their quality says how
     far the search's values (self-evaluation + outcomes) can be trusted, which the run's own verified
     pairs cannot (their quality is 100% by construction)."""
-    cfg = PairsConfig(margin=float(config.get("pairs.margin", 0.2)), min_visits=int(config.get("pairs.min_visits", 1)))
+    cfg = PairsConfig(margin=float(config.get("pairs.margin", 0.2)), min_visits=int(config.get("pairs.min_visits", 1)),
+                      verified=False, full=False)
     return [p for t in trees for p in extract_pairs(t, config=cfg, format_prompt=lambda problem, steps: "")]
 
 
@@ -836,7 +838,8 @@ def load_iterate_run(run_dir: Path, *, quality: bool = True) -> Run | None:
     points = []
     if (run_dir / INITIAL / "eval.json").is_file():
         points.append(Point(position=0, evals=read_evals(run_dir / INITIAL / "eval.json", config)))
-    points.extend(read_round(run_dir, k, quality=quality, config=config) for k in range(rounds))
+    points.extend(read_round(run_dir, k, quality=quality, config=read_config_file(round_config(run_dir, k)))
+                  for k in range(rounds))  # each round read with the config that produced it
     return Run(path=run_dir, kind="iterate", config=config, points=tuple(points))
 
 

@@ -1,4 +1,4 @@
-"""Greedy (or sampling) accuracy of one model on several tasks with one engine: the README's baseline table.
+"""Greedy (or sampling) accuracy of one model on several tasks with one engine: the baseline table of docs/results/baseline.md.
 
     python experiments/baseline_table.py                       # the committed table (default model, vLLM)
     python experiments/baseline_table.py --limit 50 --tasks arith_test,mawps_singleop --tools none,python

@@ -544,7 +544,7 @@ def table(runs: Sequence[Run], ratios: Sequence[Ratios]) -> str:
 
 
 def markdown_table(runs: Sequence[Run], ratios: Sequence[Ratios]) -> str:
-    """The same figures as `table`, as markdown (for the README)."""
+    """The same figures as `table`, as markdown (for docs/results/bench_search.md)."""
     order = {m: i for i, m in enumerate(MODES)}
     ratio = {(q.trees, q.simulations): q for q in ratios}
     lines = ["| trees | sims | mode | time s | in self-eval s | s/tree | gen tokens | tok/s | expansions/s | "

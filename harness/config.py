@@ -8,6 +8,8 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 T = TypeVar("T")
 
 
@@ -26,13 +28,8 @@ def _is_tuple_type(tp: Any) -> bool:
 
 def to_container(cfg: Any) -> Any:
     """A DictConfig/ListConfig (resolved) or a plain mapping -> plain dicts and lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
     return cfg
 
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from harness.compute import phase_record
+from harness.seeds import derive_seed
 from mcts.search import SearchConfig, best_answer, run_search
 from mcts.types import Problem
 from policy.backends.base import Backend, SamplingSettings
@@ -93,16 +94,23 @@ def _chunks(items: list, size: int):
         yield items[i:i + size]
 
 
+def problem_seeds(problems: Sequence[Problem], seed: int) -> tuple[int, ...]:
+    """Each problem's sampling seed, derive_seed(seed, problem id): a problem's samples do not depend
+    on which problems share its backend call (where the engine honours per-prompt seeds)."""
+    return tuple(derive_seed(seed, p.id) for p in problems)
+
+
 def _sample_solutions(problems: list[Problem], backend: Backend, formatter: PromptFormatter,
                       settings: SamplingSettings, batch_size: int, desc: str,
-                      executor: ToolExecutor | None) -> list[tuple[list, int, int, int]]:
+                      executor: ToolExecutor | None, seed: int) -> list[tuple[list, int, int, int]]:
     """Per problem: (samples, generated tokens, prompt tokens, cached tokens); with an executor the
     solutions run their programs as they write them (policy/tool_use.py)."""
     out = []
     with tqdm(total=len(problems), desc=desc, unit="problem", leave=False) as bar:
         for chunk in _chunks(problems, batch_size):
             prompts = [formatter.solution_prompt(p, ()) for p in chunk]
-            for completion in sample_solutions(backend, prompts, settings, executor):
+            chunk_settings = replace(settings, seeds=problem_seeds(chunk, seed))
+            for completion in sample_solutions(backend, prompts, chunk_settings, executor):
                 out.append((list(completion.samples), sum(s.num_tokens for s in completion.samples),
                             completion.prompt_tokens, completion.cached_tokens))
             bar.update(len(chunk))
@@ -113,7 +121,9 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
                       gen: GenerationConfig, cfg: EvalConfig, search: SearchConfig, params: int,
                       seed: int = 0, tool: ToolConfig | None = None) -> dict[str, Any]:
     """Evaluate on `problems`; returns the eval.json content (accuracy, Wilson CI, records, compute).
-    With a tool, every mode runs the solutions' programs in the sandbox; `tool` in the result counts them."""
+    With a tool, every mode runs the solutions' programs in the sandbox; `tool` in the result counts them.
+    `seed` seeds the sampling mode (per problem, `problem_seeds`) and the test-time search. Votes (majority
+    in sampling mode, the terminal vote in mcts mode) group answers the task's checker calls equal."""
     if cfg.mode not in MODES:
         raise ValueError(f"eval.mode={cfg.mode!r}: expected one of {', '.join(MODES)}")
     problems = list(problems)
@@ -129,7 +139,7 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
         settings = SamplingSettings(n=1 if greedy else cfg.k, max_tokens=gen.solution_max_tokens,
                                     temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p)
         outputs = _sample_solutions(problems, backend, formatter, settings, cfg.batch_size, f"eval {task.name}",
-                                    executor)
+                                    executor, seed)
         pass_k = 0
         for problem, (samples, gen_tok, p_tok, c_tok) in zip(problems, outputs):
             texts = [s.text for s in samples]
@@ -165,7 +175,7 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
                 bar.update(1)
         for problem_id, problem in by_id.items():
             tree = trees[problem_id]
-            prediction = best_answer(tree)
+            prediction = best_answer(tree, same=same)
             compute = tree.compute
             records.append(dict(id=problem.id, question=problem.question, gold=problem.answer, prediction=prediction,
                                 correct=task.is_correct(prediction, problem),

@@ -1,13 +1,22 @@
 """The end-of-run report: a summary table per round (summary.md, printed) and a plot of evaluation
-accuracy per round with 95% intervals (accuracy.png)."""
+accuracy per round with 95% intervals (accuracy.png). summary.md says which command wrote it, when and
+at which commit (`provenance`): it is generated, never edited by hand."""
 
 from __future__ import annotations
 
 import logging
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+
 from harness.stats import paired_difference, significance
+
+REPO = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +128,45 @@ def plot_accuracy(history: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(run_dir: Path, history: list[dict]) -> str:
+def command_line() -> str:
+    """The command that reproduces this process: inside a Hydra job, the script with the job's own
+    overrides (one job of a sweep included); otherwise the process's arguments."""
+    script = Path(sys.argv[0])
+    if script.is_absolute() and script.is_relative_to(Path.cwd()):
+        script = script.relative_to(Path.cwd())
+    args = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]
+    return shlex.join(["python", str(script), *args])
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    """The checked-out commit (short), with "+uncommitted" when tracked files differ from it; None
+    outside a git checkout or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+uncommitted" if dirty else "")
+
+
+def provenance(command: str | None = None, *, now: datetime | None = None, commit: str | None = None) -> str:
+    """The line under a summary's title: the command that wrote it, the date (UTC) and the commit."""
+    now = now or datetime.now(timezone.utc)
+    commit = commit or git_commit()
+    return (f"Written by `{command or command_line()}` on {now:%Y-%m-%d %H:%M} UTC at "
+            f"{f'commit {commit}' if commit else 'an unknown commit (no git checkout)'} "
+            f"(harness/report.py; regenerate it, do not edit it).")
+
+
+def write_report(run_dir: Path, history: list[dict], *, command: str | None = None) -> str:
+    """Write summary.md and accuracy.png into `run_dir` from the per-round `history`; returns the text.
+    `command`: the command that produced the run (default: this process's, `command_line`)."""
     table = summary_table(history)
     delta = changes(history)
-    text = f"# Run {Path(run_dir).name}\n\n{table}\n"
+    text = f"# Run {Path(run_dir).name}\n\n{provenance(command)}\n\n{table}\n"
     if delta:
         text += f"\nWhat changed (first -> last evaluation):\n{delta}\n"
     flips = flipped_examples(history)

@@ -1,32 +1,37 @@
-"""The run directory (see the README): paths, atomic writes, and which phases are complete.
+"""The run directory: paths, atomic writes, the config history, the run lock, and which phases are
+complete. Its layout and every file in it are documented once, in docs/formats.md ("The run
+directory"); what a resume checks is in docs/resume.md (harness/fingerprint.py).
 
-runs/<name>/
-  config.yaml            resolved config of the latest invocation
-  metrics.jsonl          one line per logged event
-  summary.md, accuracy.png
-  round_<k>/
-    trees.jsonl          one tree per line, appended as trees finish
-    search.json          written when the round's search is complete (counts, compute)
-    pairs.jsonl          written atomically once all pairs are extracted
-    policy/              the trained Hugging Face checkpoint (renamed into place when complete)
-    train.json           training result (loss, margins, tokens)
-    eval.json            evaluation results per task
-    compute.json         tokens and FLOPs per phase
-
-A phase whose output is complete is never redone on resume.
+A phase whose output is complete is never redone on resume; a phase started with another config is
+an error before any work. Every write is atomic (a temporary file named `.<name>.*` renamed into
+place) except the trees.jsonl appends, whose half-written last line is dropped on resume;
+`remove_stale_temps` deletes what an interrupted write left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename the finished temporary `tmp` onto `path`, with the permissions a plain open() would give
+    (mkstemp makes it private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -37,7 +42,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
@@ -47,7 +52,7 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def truncate_partial_line(path: Path) -> bool:
@@ -103,6 +108,14 @@ class RoundDir:
     def compute(self) -> Path:
         return self.path / "compute.json"
 
+    @property
+    def fingerprints(self) -> Path:
+        return self.path / FINGERPRINTS
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
     def policy_complete(self) -> bool:
         return (self.policy / "config.json").is_file() and self.train.is_file()
 
@@ -111,26 +124,85 @@ def round_dir(run_dir: Path, k: int) -> RoundDir:
     return RoundDir(Path(run_dir) / f"round_{k}")
 
 
+FINGERPRINTS = "fingerprints.json"  # harness/fingerprint.py reads and writes it
+HISTORY = "configs"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    _publish(tmp, path)
+
+
+def write_config(run_dir: Path, text: str, *, now: float | None = None) -> Path:
+    """This invocation's resolved config: config.yaml (the latest) and a numbered copy in configs/
+    (the history, oldest first). Returns the history file."""
+    run_dir = Path(run_dir)
+    history = run_dir / HISTORY
+    history.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.name.split("-", 1)[0]) for p in history.glob("*.yaml") if p.name.split("-", 1)[0].isdigit()),
+                default=0)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(now))
+    entry = history / f"{n:04d}-{stamp}.yaml"
+    write_text_atomic(entry, text)
+    write_text_atomic(run_dir / "config.yaml", text)
+    return entry
+
+
+def round_config(run_dir: Path, k: int) -> Path:
+    """The config file that produced round k: round_<k>/config.yaml (written by the invocation that
+    last worked on the round; every key that decides a finished phase is the same in all of them,
+    harness/fingerprint.py), else the run's config.yaml (a run from before per-round configs)."""
+    path = round_dir(run_dir, k).config
+    return path if path.is_file() else Path(run_dir) / "config.yaml"
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete what interrupted writes left: `.<name>.*` temporaries of atomic writes, `.policy.tmp-*`
+    half-saved checkpoints and `.policy.job-*` training jobs (policy/dpo.py) in initial/, round_*/ and
+    configs/, and the run directory's own `.config.yaml.*`/`.metrics.jsonl.*`. Only call it while
+    holding the run directory (`owned`): another invocation's files in progress look the same."""
+    run_dir = Path(run_dir)
+    folders = [run_dir / "initial", run_dir / HISTORY, *sorted(run_dir.glob("round_*"))]
+    stale = [p for folder in folders if folder.is_dir() for p in folder.iterdir() if p.name.startswith(".")]
+    stale += [p for name in ("config.yaml", "metrics.jsonl") for p in run_dir.glob(f".{name}.*")]
+    for path in stale:
+        log.warning("%s: removing a temporary left by an interrupted run", path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 ROUND0_SEARCH_FILES = ("trees.jsonl", "search.json", "pairs.jsonl")
 """What `copy_round0_search` copies from round_0: the finished search and its pairs."""
+
+
+COPIED_PHASES = {"initial/eval.json": ("initial", "eval"), "round_0/trees.jsonl": ("round_0", "search"),
+                 "round_0/search.json": ("round_0", "search"), "round_0/pairs.jsonl": ("round_0", "pairs")}
+"""The folder and phase (harness/fingerprint.py) of each file `copy_round0_search` copies."""
 
 
 def copy_round0_search(source: Path, run_dir: Path, *, must_match: dict[str, Any]) -> list[str]:
     """Copy a finished run's initial evaluation and round-0 search (trees, search.json, pairs) into
     `run_dir` where they are missing, so that this run resumes from them and only trains and
-    evaluates: runs given the same source train on the same pairs by construction.
+    evaluates: runs given the same source train on the same pairs by construction. The copied
+    phases' fingerprints come along (marked "copied": they are compared without run.seed), written
+    before the files, as a phase's are before its output.
 
-    `must_match`: resolved config values (dotted keys) the source's config.yaml must hold too (the
+    `must_match`: resolved config values (dotted keys) the source's round-0 config must hold too (the
     task, the problems per round, the pair extraction); a difference, a missing source or an
     unfinished round-0 search raise ValueError naming it. Returns the paths copied (relative)."""
-    import shutil
-
     from omegaconf import OmegaConf
 
     source = Path(source)
     if source.resolve() == Path(run_dir).resolve():
         return []  # the source run itself (the first job of a sweep whose other jobs copy from it)
-    config_path = source / "config.yaml"
+    config_path = round_config(source, 0)
     if not config_path.is_file():
         raise ValueError(f"run.search_from={source}: no config.yaml there (not a run directory)")
     missing = [f"round_0/{n}" for n in ROUND0_SEARCH_FILES if not (source / "round_0" / n).is_file()]
@@ -145,13 +217,153 @@ def copy_round0_search(source: Path, run_dir: Path, *, must_match: dict[str, Any
     differ = [f"{k}: {lookup(k)!r} there, {v!r} here" for k, v in must_match.items() if lookup(k) != v]
     if differ:
         raise ValueError(f"run.search_from={source}: its config differs: " + "; ".join(differ))
-    copied = []
-    for rel in ["initial/eval.json", *(f"round_0/{n}" for n in ROUND0_SEARCH_FILES)]:
+    todo = [rel for rel in ["initial/eval.json", *(f"round_0/{n}" for n in ROUND0_SEARCH_FILES)]
+            if (source / rel).is_file() and not (Path(run_dir) / rel).exists()]
+    for folder in sorted({COPIED_PHASES[rel][0] for rel in todo}):
+        src_fp, dst_fp = source / folder / FINGERPRINTS, Path(run_dir) / folder / FINGERPRINTS
+        theirs = read_json(src_fp) if src_fp.is_file() else {}
+        ours = read_json(dst_fp) if dst_fp.is_file() else {}
+        phases = [p for rel, (f, p) in COPIED_PHASES.items() if f == folder and rel in todo and p in theirs]
+        if phases:
+            ours.update({p: theirs[p] for p in phases})
+            ours["copied"] = sorted({*ours.get("copied", []), *phases})
+            write_json_atomic(dst_fp, ours)
+    for rel in todo:
         src, dst = source / rel, Path(run_dir) / rel
-        if src.is_file() and not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.copy")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-            copied.append(rel)
-    return copied
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.copy")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return todo
+
+
+# --- one invocation per run directory, and what a killed one left running -------------------------
+
+LOCK = ".lock"
+
+
+def _stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, process group, start time in clock ticks, parent) of a process, from /proc; None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[2]), int(fields[19]), int(fields[1])
+
+
+def _ancestors(pid: int) -> set[int]:
+    out = {pid}
+    while (st := _stat(pid)) is not None and st[3] > 1 and st[3] not in out:
+        pid = st[3]
+        out.add(pid)
+    return out
+
+
+def _running(pid: int, start: int | None = None) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] not in "ZX" and (start is None or st[2] == start)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()] if Path("/proc").is_dir() else []
+
+
+def leftover_processes(run_dir: Path, owner: dict | None) -> list[int]:
+    """Processes a killed invocation of this run directory left running (Linux /proc): those holding
+    its lock file open (children forked by the engine, e.g. vLLM's EngineCore, inherit it), DPO
+    training jobs (`python -m policy.train_main <run_dir>/round_k/.policy.job-*.json`), and, when the
+    killed invocation led its own process group, the rest of that group. Never this process."""
+    run_dir = Path(run_dir).resolve()
+    lock = run_dir / LOCK
+    mine = _ancestors(os.getpid())
+    since = int(owner.get("start", 0)) if owner else 0
+    dead_leader = (owner is not None and owner.get("pid") == owner.get("pgid") and owner.get("pid") not in mine
+                   and not _running(owner["pid"], owner.get("start")))
+    found = []
+    for pid in _pids():
+        st = _stat(pid)
+        if pid in mine or st is None or st[0] in "ZX":
+            continue
+        try:
+            holds = any(os.path.realpath(f"/proc/{pid}/fd/{fd}") == str(lock) for fd in os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            holds = False
+        args = _cmdline(pid)
+        try:
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            cwd = Path("/")
+        job = "policy.train_main" in args and any(
+            a.endswith(".json") and run_dir in (cwd / a).resolve().parents for a in args)
+        group = dead_leader and st[1] == owner["pid"]
+        if holds or ((job or group) and st[2] >= since):
+            found.append(pid)
+    return found
+
+
+def _kill(pids: list[int], run_dir: Path) -> None:
+    for pid in pids:
+        log.warning("%s: killing process %d left running by an interrupted invocation: %s", run_dir, pid,
+                    " ".join(_cmdline(pid))[:200])
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+
+
+def _owner_record() -> dict:
+    st = _stat(os.getpid())
+    return {"pid": os.getpid(), "pgid": os.getpgid(0), "start": st[2] if st else 0,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+@contextlib.contextmanager
+def owned(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this invocation (an exclusive flock on `.lock`, which names the holder).
+    A second invocation on the same directory while one runs raises ValueError naming its pid. A
+    killed invocation's leftover processes (`leftover_processes`) are killed first, so that no
+    orphan keeps writing into the run directory while this one resumes it."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            owner = json.loads(path.read_text() or "null")
+        except ValueError:
+            owner = None
+
+        def lock() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+
+        got = lock()
+        if not got and owner and _running(owner["pid"], owner.get("start")):
+            raise ValueError(f"{run_dir} is in use by another invocation (pid {owner['pid']}, started "
+                             f"{owner.get('started')}): wait for it to finish or stop it")
+        _kill(leftover_processes(run_dir, owner), run_dir)
+        if not got:
+            deadline = time.time() + 10
+            while not (got := lock()) and time.time() < deadline:
+                time.sleep(0.1)
+            if not got:
+                raise ValueError(f"{run_dir}/{LOCK} is held by processes this invocation could not stop: "
+                                 f"see `fuser {path}`")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_owner_record()) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -37,15 +37,23 @@ class RunConfig:
         run copies before it starts (harness.rundir.copy_round0_search): runs given the same source
         train on the same pairs (loss_variants). Its model, task, search, pairs and problems per
         round must equal this run's.
+    on_change: what a re-run does when a phase already on disk was started with other settings
+        (harness/fingerprint.py, docs/resume.md): "error" stops before any work naming the keys;
+        "rerun" deletes that phase's outputs and everything after them, and redoes them.
     """
 
-    name: str = "default"
-    dir: str = "runs/default"
+    name: str = "demo"
+    dir: str = "runs/demo"
     rounds: int = 2
-    problems_per_round: int = 32
+    problems_per_round: int = 48
     seed: int = 0
     evaluate_initial: bool = True
     search_from: str | None = None
+    on_change: str = "error"
+
+    def __post_init__(self):
+        if self.on_change not in ("error", "rerun"):
+            raise ValueError(f"run.on_change={self.on_change!r}: expected error or rerun")
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,8 @@ class Settings:
     generation: GenerationConfig
     search: SearchConfig
     eval: EvalConfig
-    tracking: TrackingConfig
     tool: ToolConfig = field(default_factory=ToolConfig)
+    tracking: TrackingConfig | None = None
     task: TaskConfig | None = None
     eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
     pairs: PairsConfig | None = None
@@ -89,7 +97,7 @@ def load_settings(cfg: Any) -> Settings:
         else:
             raise ConfigError(f"unknown top-level config key {key!r}: known are "
                               f"{', '.join(sorted([*_GROUPS, 'eval_tasks', 'out_dir']))}")
-    missing = [g for g in ("model", "backend", "prompt", "generation", "search", "eval", "tracking") if g not in kwargs]
+    missing = [g for g in ("model", "backend", "prompt", "generation", "search", "eval") if g not in kwargs]
     if missing:
         raise ConfigError(f"config is missing the group(s) {', '.join(missing)}")
     settings = Settings(**kwargs)
@@ -106,7 +114,6 @@ def validate(s: Settings) -> None:
     if s.run is not None:
         if s.run.rounds < 0 or s.run.problems_per_round <= 0:
             raise ConfigError("run.rounds must be >= 0 and run.problems_per_round > 0")
-        if s.task is None or s.pairs is None or s.train is None:
-            raise ConfigError("iterate needs the task, pairs and train groups")
-    if s.train is not None and s.train.reference not in ("initial", "previous"):
-        raise ConfigError(f"train.reference={s.train.reference!r}: expected initial or previous")
+        lacking = [g for g in ("task", "pairs", "train", "tracking") if getattr(s, g) is None]
+        if lacking:
+            raise ConfigError(f"iterate needs the {', '.join(lacking)} group(s)")

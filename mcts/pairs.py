@@ -9,7 +9,9 @@ separator so the trained policy still ends a step where the search's stop string
 
 A pair is one dict in TRL's column names (`prompt`, `chosen`, `rejected`) plus metadata: problem id,
 node id, depth (steps in the shared prefix), Q and visits of each side, the gap, whether each side
-ends the solution, and the round. `pairs.jsonl` holds one per line.
+ends the solution, the round, the source, and the programs run by the branching step of each side
+(`chosen_programs`, `rejected_programs`: tool-integrated steps, 0 without tools; a pair branches at a
+code step when either is positive). `pairs.jsonl` holds one per line.
 
 Options: only pairs branching at most `max_depth` steps deep (0 = at the root); every qualifying rejected sibling paired with the chosen child (`all_rejected`), not only
 the lowest; at most `max_pairs_per_tree` pairs per tree (largest gaps first); only trees that reached a
@@ -32,13 +34,6 @@ from mcts.sampling import SOURCE as SAMPLING_SOURCE
 from mcts.sampling import outcome_pairs
 from mcts.tree import Node, Tree
 from mcts.types import Problem
-
-PAIR_KEYS = ("prompt", "chosen", "rejected", "problem_id", "node_id", "chosen_id", "rejected_id", "depth", "chosen_q",
-             "rejected_q", "chosen_visits", "rejected_visits", "gap", "chosen_terminal", "rejected_terminal", "round", "source",
-             "chosen_programs", "rejected_programs")
-"""The keys of a pair line (TRL's three columns first). chosen_programs / rejected_programs: programs run
-by the branching step of each side (tool-integrated steps; 0 without tools): a pair branches at a code
-step when either is positive."""
 
 SOURCES = ("mcts", "sampling")
 
@@ -88,8 +83,8 @@ class PairsConfig:
     min_visits: int = 1
     max_pairs_per_tree: int = 0
     correct_only: bool = False
-    verified: bool = False
-    full: bool = False
+    verified: bool = True
+    full: bool = True
     all_rejected: bool = False
     match_steps: bool = False
     max_depth: int | None = None

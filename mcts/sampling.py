@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from mcts.search import derive_seed
+from harness.seeds import derive_seed
 from mcts.select import normalize_step, step_priors
 from mcts.tree import ROOT, Tree
 from mcts.types import ExpandRequest, Expander, Problem, Verifier, programs_run
@@ -53,9 +53,11 @@ def sample_tree(problem: Problem, expansion, *, verifier: Verifier, length_expon
 
 
 def sample_trees(problems: Iterable[Problem], *, expander: Expander, verifier: Verifier, samples: int,
-                 batch_problems: int = 32, seed: int = 0) -> Iterator[Tree]:
+                 batch_problems: int = 32, seed: int = 0, length_exponent: float = 1.25) -> Iterator[Tree]:
     """One depth-1 tree per problem (see the module docstring): `samples` whole solutions each,
-    `batch_problems` problems per engine call; trees are yielded as their call returns."""
+    `batch_problems` problems per engine call; trees are yielded as their call returns. Each problem's
+    request seed is derive_seed(seed, problem id, ROOT), as the search seeds its root's expansion;
+    `length_exponent` is the priors' (search.length_exponent, as in the search)."""
     if samples < 1 or batch_problems < 1:
         raise ValueError("pairs.samples and the sampling batch must be >= 1")
     problems = list(problems)
@@ -63,7 +65,7 @@ def sample_trees(problems: Iterable[Problem], *, expander: Expander, verifier: V
         requests = [ExpandRequest(p, (), n=samples, to_end=True, seed=derive_seed(seed, p.id, ROOT))
                     for p in chunk]
         for problem, expansion in zip(chunk, expander.expand(requests)):
-            yield sample_tree(problem, expansion, verifier=verifier)
+            yield sample_tree(problem, expansion, verifier=verifier, length_exponent=length_exponent)
 
 
 def outcome_pairs(tree: Tree, *, format_prompt: Callable[[Problem, tuple[str, ...]], str], max_pairs: int = 0,

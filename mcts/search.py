@@ -34,11 +34,11 @@ Values and backup (the definitions the tests check):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from harness.seeds import derive_seed  # per-request seeds: the project's one derivation
 from mcts.select import (
     merge_duplicates,
     most_visited_child,
@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 
 BACKUPS = ("mean", "max")
 VOTE_RULES = ("value_vote", "visit_vote", "max_q", "most_visited")
-SEED_BITS = 31
-"""Derived request seeds lie in [0, 2**31): every engine accepts them."""
 
 STOP_SIMULATIONS = "simulations"
 STOP_RESOLVED = "resolved"
@@ -143,12 +141,6 @@ class SearchStats:
     eval_requests: int = 0
     trees_started: int = 0
     trees_finished: int = 0
-
-
-def derive_seed(seed: int, problem_id: str, node_id: int) -> int:
-    """A stable per-request seed from (seed, problem id, node id) (blake2b; not Python's salted hash)."""
-    digest = hashlib.blake2b(f"{seed}\x1f{problem_id}\x1f{node_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % (1 << SEED_BITS)
 
 
 def eval_value(score: float | None) -> float:

@@ -30,10 +30,6 @@ COMPUTE_KEYS = ("generated_tokens", "prompt_tokens", "cached_tokens", "expansion
 this tree, the number of expansions (ExpandRequests), of self-evaluations (EvalRequests) and of programs
 run by tool steps."""
 
-NODE_FIELDS = ("id", "parent", "depth", "text", "num_tokens", "logprob", "prior", "self_eval", "outcome",
-               "visits", "q", "value_sum", "terminal", "answer", "tool_calls")
-"""The keys of a node in a tree's JSON line, in order (`q` is derived: value_sum / visits)."""
-
 
 @dataclass
 class Node:
@@ -160,7 +156,7 @@ class Tree:
                 if not 0 <= node.parent < i:
                     raise ValueError(f"tree {problem.id!r}: node {i} has bad parent {node.parent}")
                 nodes[node.parent].children.append(i)
-        if not nodes or nodes[ROOT].parent != NO_PARENT:
+        if not nodes:  # a node 0 with a parent other than NO_PARENT failed the check above
             raise ValueError(f"tree {problem.id!r}: no root")
         compute = empty_compute()
         compute.update({k: int(v) for k, v in d.get("compute", {}).items()})

@@ -36,7 +36,7 @@ fused LM head gives them log-prob 0) nor in the NLL ("sft") term; they stay in t
 and in the processed token count. The same collator runs TRL's reference precompute (it is passed to
 the constructor) and the training batches.
 
-Training runs in a fresh process (`train_dpo_subprocess`, see NOTES.md: DPO in a process where a
+Training runs in a fresh process (`train_dpo_subprocess`, see docs/notes.md "Training on the CPU": DPO in a process where a
 vLLM engine ran was 50x slower). The checkpoint is written into a temporary folder next to `out_dir`
 and renamed into place only when complete (with `train_result.json` inside), so `out_dir` either
 does not exist or holds a whole checkpoint.
@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from policy.models import check_device, resolve_device
 from tools.format import output_spans
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ class TrainConfig:
     disable_dropout: switch off dropout in the policy (TRL's default; includes LoRA dropout), so
         that the policy and the reference agree exactly before the first step.
     dtype: weights and compute dtype, "float32" (CPU) or "bfloat16" (GPUs: weights and autocast).
+    device: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu" or "cuda"
+        (policy.models.resolve_device): where the policy and the reference train; the trainer's
+        `use_cpu` follows it.
     autocast: bf16 autocast over float32 weights (mixed precision: matmuls in bf16, optimizer state and
         updates in float32). On a CPU with AVX-512 bf16, a SmolLM2-135M forward+backward on 16 x 270
         tokens took 45 s instead of 74 s (ours, measured); small DPO updates survive, unlike bf16 weights.
@@ -146,7 +150,8 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     disable_dropout: bool = True
     dtype: str = "float32"
-    autocast: bool = False
+    device: str = "auto"
+    autocast: bool = True
     gradient_checkpointing: bool = False
     logging_steps: int = 1
 
@@ -165,6 +170,7 @@ class TrainConfig:
             raise ValueError(f"train.eos={self.eos!r}: expected one of {', '.join(EOS_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        check_device(self.device, "train.device")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must lie in [0, 1)")
         positive = {"beta": self.beta, "learning_rate": self.learning_rate, "epochs": self.epochs,
@@ -532,7 +538,6 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
     (full training) or the base with the adapter disabled (LoRA); otherwise it is loaded. The collator
     masks the environment's tokens in the reference precompute and in training alike; the mask travels
     in the dataset, so TRL's precompute cache (keyed by the dataset's fingerprint) tells the two apart."""
-    import torch
     from datasets import Dataset
     from trl import DPOConfig
 
@@ -555,7 +560,7 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
         disable_dropout=cfg.disable_dropout,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.dtype == "bfloat16" or cfg.autocast,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=resolve_device(cfg.device, key="train.device") == "cpu",
         logging_steps=cfg.logging_steps,
         report_to=[],
         save_strategy="no",

@@ -39,14 +39,38 @@ class ModelConfig:
 
     name: a registry name (EMBEDDED_MODELS) or a free label for a user model.
     path: a local Hugging Face folder or a hub id; null = prepare the embedded model `name`.
-    dtype: torch dtype for training and the transformers backend ("float32", "bfloat16", "auto").
     params: parameter count for the FLOP ledger; null = count from the checkpoint's config.
+
+    Dtypes are the engine's and the trainer's: `backend.dtype` and `train.dtype`.
     """
 
     name: str = "smollm2-135m"
     path: str | None = None
-    dtype: str = "float32"
     params: int | None = None
+
+
+DEVICES = ("auto", "cpu", "cuda")
+"""`backend.device` and `train.device`: auto = a CUDA GPU when torch sees one, else the CPU."""
+
+
+def check_device(name: str, key: str) -> None:
+    """Raise ValueError naming `key` unless `name` is one of DEVICES."""
+    if name not in DEVICES:
+        raise ValueError(f"{key}={name!r}: expected one of {', '.join(DEVICES)}")
+
+
+def resolve_device(name: str, *, key: str = "device", cuda_available: bool | None = None) -> str:
+    """"cpu" or "cuda" for the device setting `key`=`name` (DEVICES); `cuda_available` defaults to what
+    torch sees. "cuda" without a GPU is a ValueError naming `key` (no silent fall-back to the CPU)."""
+    check_device(name, key)
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if name == "cuda" and not cuda_available:
+        raise ValueError(f"{key}=cuda, but torch sees no CUDA device (torch.cuda.is_available() is False): "
+                         f"use {key}=auto or cpu")
+    return "cuda" if name == "cuda" or (name == "auto" and cuda_available) else "cpu"
 
 
 def cache_dir() -> Path:

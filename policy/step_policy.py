@@ -68,7 +68,7 @@ class StepPolicy:
         steps: dict[int, list[StepSample]] = {}
         cost: dict[int, list[int]] = {}
         for (n, to_end), idx in groups.items():
-            settings = self._settings(n, to_end)
+            settings = replace(self._settings(n, to_end), seeds=tuple(requests[i].seed for i in idx))
             if to_end:
                 completions = sample_solutions(self.backend, [prompts[i] for i in idx], settings, self.executor,
                                                prior_calls=[calls[i] for i in idx])

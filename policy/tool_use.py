@@ -12,6 +12,10 @@ Two shapes, both used by the search (policy/step_policy.py) and the evaluation:
   continued up to the output fence, run, and closed with its output block, so that the step holds the
   whole program and its output.
 
+Seeds: with per-prompt seeds (`SamplingSettings.seeds`), sample j of prompt i is seeded from
+derive_seed(seed_i, j) and each of its continuations from derive_seed(that, programs run so far);
+`complete_programs`' continuations are seeded by the engine (backend.seed and the call's index).
+
 A sample's `logprob` and `num_tokens` are the policy's own tokens only; the output blocks' tokens are
 the environment's (never generated, never counted). `prompt_tokens` and `cached_tokens` add up every
 call made for the prompt (continuations re-send the growing prompt; the prefix cache serves it).
@@ -24,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
+from harness.seeds import derive_seed
 from mcts.types import NO_PROGRAM_ERROR, ToolCall
 from policy.backends.base import FINISH_LENGTH, FINISH_STOP, Backend, Completion, SamplingSettings
 from tools.config import ToolConfig
@@ -78,6 +83,7 @@ class _Draft:
     finish_reason: str
     calls: list[ToolCall] = field(default_factory=list)
     prior_calls: int = 0
+    seed: int | None = None  # the sample's seed; its continuations derive theirs from it
 
 
 def no_program() -> ToolCall:
@@ -143,7 +149,9 @@ def _continue(drafts: list[_Draft], prompts: Sequence[str], backend: Backend, ex
         # One call for every continuation of this round (lockstep batching); its length limit is the
         # largest budget left, so a draft may end up to (that - its own) tokens past the budget.
         max_tokens = max(1, max(budget - d.num_tokens for d in pending))
-        outs = backend.sample([prompts[d.prompt] + d.text for d in pending], replace(settings, n=1, max_tokens=max_tokens))
+        seeds = None if any(d.seed is None for d in pending) else tuple(derive_seed(d.seed, len(d.calls)) for d in pending)
+        outs = backend.sample([prompts[d.prompt] + d.text for d in pending],
+                              replace(settings, n=1, max_tokens=max_tokens, seeds=seeds))
         for d, completion in zip(pending, outs):
             s = completion.samples[0]
             d.text += s.text
@@ -164,7 +172,9 @@ def sample_solutions(backend: Backend, prompts: Sequence[str], settings: Samplin
     completions = backend.sample(prompts, settings)
     cost = [[c.prompt_tokens, c.cached_tokens] for c in completions]
     drafts = [[_Draft(prompt=i, text=s.text, num_tokens=s.num_tokens, logprob=s.logprob, finish_reason=s.finish_reason,
-                      prior_calls=prior_calls[i] if prior_calls else 0) for s in c.samples]
+                      prior_calls=prior_calls[i] if prior_calls else 0,
+                      seed=None if settings.seeds is None else derive_seed(settings.seeds[i], j))
+               for j, s in enumerate(c.samples)]
               for i, c in enumerate(completions)]
     _continue([d for ds in drafts for d in ds], prompts, backend, executor, settings, settings.max_tokens, cost)
     return [ToolCompletion(samples=tuple(_sample(d) for d in ds), prompt_tokens=cost[i][0], cached_tokens=cost[i][1])
@@ -187,7 +197,7 @@ def complete_programs(backend: Backend, prompts: Sequence[str], openings: Sequen
             live.append(k)
     if not live:
         return out  # type: ignore[return-value]
-    code_settings = replace(settings, n=1, max_tokens=executor.cfg.code_max_tokens, stop=(OUTPUT_OPEN,))
+    code_settings = replace(settings, n=1, max_tokens=executor.cfg.code_max_tokens, stop=(OUTPUT_OPEN,), seeds=None)
     heads = [prompts[openings[k][0]] + openings[k][1] + separator for k in live]
     completions = backend.sample(heads, code_settings)
     cost = [[c.prompt_tokens, c.cached_tokens] for c in completions]

@@ -132,4 +132,5 @@ def make_task(cfg: TaskConfig, tool=None) -> AnswerTask:
     style = "python" if tool is not None and tool.enabled else "cot"
     few_shot = tool.few_shot if style == "python" else cfg.few_shot
     return AnswerTask(name=cfg.name, load=_loader(cfg, answer_format), answer_format=answer_format,
-                      answer_prefix=cfg.answer_prefix, instruction=cfg.instruction, few_shot=few_shot, style=style)
+                      answer_prefix=cfg.answer_prefix, instruction=cfg.instruction, few_shot=few_shot, style=style,
+                      rationale=tool.rationale if style == "python" else "generic")

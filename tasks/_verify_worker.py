@@ -1,6 +1,7 @@
 """The math-verify worker process behind `tasks.checker` (run as a script, not imported).
 
-Protocol: after importing math-verify it writes "ready"; then for every request line
+Protocol: after importing math-verify it writes "ready" (or, when the import fails, one line
+{"error": "<type>: <message>"} and exits with code 1); then for every request line
 {"gold": str, "pred": str} on stdin it writes one line {"ok": bool} (or {"ok": false, "error": name}).
 It runs in its own process because some inputs make sympy compute for minutes inside C code that
 holds the GIL (e.g. comparing 10^{10^{10}} with 5): a thread cannot be stopped, a process can be
@@ -35,7 +36,12 @@ def main() -> None:
     logging.disable(logging.CRITICAL)
     sys.setrecursionlimit(10_000)
     _limit_memory()
-    from math_verify import parse, verify
+    try:
+        from math_verify import parse, verify
+    except Exception as exc:  # noqa: BLE001 - the parent names the worker and this error
+        reply.write(json.dumps({"error": f"importing math_verify failed: {type(exc).__name__}: {exc}"}) + "\n")
+        reply.flush()
+        sys.exit(1)
 
     reply.write("ready\n")
     reply.flush()

@@ -11,7 +11,7 @@
    == `\\frac{1}{2}`, "1,234" == "1234" == `\\boxed{1234}`, "$18" == "18".
    Decisions:
    - Percent: the sign is dropped, nothing more: "50%" == "50", but "50%" != "0.5". A x100 or /100
-     leniency (ToRA's grader) would also make "500" == "5"; see ../shared/NOTES.md.
+     leniency (ToRA's grader) would also make "500" == "5"; see docs/notes.md "Answer checking".
    - Rounded decimals: a decimal with at least 2 places matches a value stated at least 2 places more
      precisely (or a fraction with an infinite expansion) that rounds to it, because data sets store
      rounded values: MAWPS gives 10/3 as "3.33333" and 2/3 as "0.6666666667". So "3.33333" == "10/3"
@@ -21,8 +21,12 @@
 2. Otherwise math-verify (`parse` then `verify(gold, pred)`, gold first) decides: LaTeX expressions,
    sets, intervals, equations, units. It runs in worker processes (tasks/_verify_worker.py) with a
    time limit per call; on timeout the worker is killed (a thread could not be: sympy's big-integer
-   arithmetic holds the GIL) and the answer is "not equal". Inputs longer than MAX_VERIFY_CHARS get
-   only the fast path. Results are cached.
+   arithmetic holds the GIL) and the answer is "not equal" for that call only: it is logged at
+   WARNING with both inputs and not cached, so a later call asks again. Inputs longer than
+   MAX_VERIFY_CHARS get only the fast path. math-verify's answers are cached.
+   A worker that cannot start (math-verify missing, a broken environment) is a `VerifierError`
+   naming the worker, logged at WARNING with the inputs, raised by this and every later call that
+   needs math-verify: never a silent "not equal".
 
 Two equal strings (after unwrapping) are always equal. Everything here is thread-safe.
 `letters_equal` compares multiple-choice letters ("B", "(B)", "b", "B)").
@@ -194,22 +198,46 @@ def _numbers_equal(a: _Number, b: _Number) -> bool:
 # math-verify in worker processes
 
 
+class VerifierError(RuntimeError):
+    """The math-verify worker cannot start: answers that need math-verify cannot be checked."""
+
+
 class _WorkerError(Exception):
     pass
+
+
+class _NoAnswer(Exception):
+    """math-verify gave no answer (time limit, or its worker died): not cached, unlike an answer."""
 
 
 class _Worker:
     """One math-verify process and its reply buffer; used by one thread at a time."""
 
     def __init__(self):
+        script = _WORKER_SCRIPT
         self.proc = subprocess.Popen(
-            [sys.executable, str(_WORKER_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, close_fds=True,
         )
         self._buffer = b""
-        if self._read_line(time.monotonic() + WORKER_START_TIMEOUT_S) != "ready":
+        line = self._read_line(time.monotonic() + WORKER_START_TIMEOUT_S)
+        if line != "ready":
+            why = self._start_failure(line)
             self.kill()
-            raise _WorkerError("the math-verify worker did not start (is math-verify installed?)")
+            raise _WorkerError(f"the math-verify worker ({script}) did not start: {why}")
+
+    def _start_failure(self, line: str | None) -> str:
+        """Why the worker did not say "ready": its error line, its exit code, or the time limit."""
+        if line is not None:
+            try:
+                return str(json.loads(line)["error"])
+            except (ValueError, KeyError, TypeError):
+                return f"it wrote {line[:200]!r} instead of 'ready'"
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return f"no 'ready' within {WORKER_START_TIMEOUT_S:.0f} s"
+        return f"it exited with code {code} before saying 'ready'"
 
     def _read_line(self, deadline: float) -> str | None:
         fd = self.proc.stdout.fileno()
@@ -278,6 +306,8 @@ class _WorkerPool:
         self._failed: str | None = None
 
     def ask(self, gold: str, pred: str, timeout_s: float) -> bool | None:
+        """math-verify's answer; None on timeout or a dead worker. Raises VerifierError when no worker
+        can start (then, and for every later call of this process)."""
         with self._lock:
             if self._pid != os.getpid():  # forked: the inherited pipes belong to the parent
                 self._reset()
@@ -285,16 +315,17 @@ class _WorkerPool:
         with slots:
             with self._lock:
                 if self._failed is not None:
-                    return None
+                    raise VerifierError(self._failed)
                 worker = self._idle.pop() if self._idle else None
             if worker is None:
                 try:
                     worker = _Worker()
                 except (OSError, _WorkerError) as exc:
+                    message = f"{exc} (is math-verify installed? tasks/checker.py needs it for non-numeric answers)"
                     with self._lock:
-                        self._failed = str(exc)
-                    log.warning("answer checking without math-verify: %s", exc)
-                    return None
+                        self._failed = message
+                    log.warning("%s; comparing gold=%.80r pred=%.80r", message, gold, pred)
+                    raise VerifierError(message) from None
             try:
                 return worker.ask(gold, pred, timeout_s)
             finally:
@@ -315,17 +346,23 @@ atexit.register(_POOL.close)
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _verify(gold: str, pred: str, timeout_s: float) -> bool:
+    """math-verify's answer, cached; raises _NoAnswer (never cached: exceptions are not) or VerifierError."""
+    result = _POOL.ask(gold, pred, timeout_s)
+    if result is None:
+        raise _NoAnswer
+    return result
+
+
+def _verify_once(gold: str, pred: str, timeout_s: float) -> bool:
+    """`_verify`, with no answer counted as "not equal" for this call only (logged at WARNING)."""
     started = time.monotonic()
     try:
-        result = _POOL.ask(gold, pred, timeout_s)
-    except Exception:  # noqa: BLE001 - checking must never crash a search
-        log.debug("math-verify call failed (gold=%.80r pred=%.80r)", gold, pred, exc_info=True)
+        return _verify(gold, pred, timeout_s)
+    except _NoAnswer:
+        log.warning("math-verify gave no answer within %.1f s (time limit %.1f s, or its worker died) on "
+                    "gold=%.80r pred=%.80r: not equal this time, not cached", time.monotonic() - started,
+                    timeout_s, gold, pred)
         return False
-    if result is None:
-        log.debug("math-verify gave no answer within %.1fs (gold=%.80r pred=%.80r); counted as not equal",
-                  time.monotonic() - started, gold, pred)
-        return False
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +373,9 @@ def answers_equal(gold: str, pred: str | None, *, timeout_s: float = 2.0) -> boo
     """Is the predicted answer `pred` equal to `gold`? See the module docstring for the rules.
 
     None, empty or non-string predictions are not equal; no input raises. math-verify gets at most
-    `timeout_s` seconds per call (not counting a worker's start)."""
+    `timeout_s` seconds per call (not counting a worker's start); without an answer in that time the
+    call says "not equal" (not cached). Raises VerifierError when math-verify is needed and its
+    worker cannot start."""
     if not isinstance(gold, str) or not isinstance(pred, str):
         return False
     g, p = unwrap(gold), unwrap(pred)
@@ -349,7 +388,7 @@ def answers_equal(gold: str, pred: str | None, *, timeout_s: float = 2.0) -> boo
         return _numbers_equal(gn, pn)
     if len(g) > MAX_VERIFY_CHARS or len(p) > MAX_VERIFY_CHARS:
         return False
-    return _verify(g, p, float(timeout_s))
+    return _verify_once(g, p, float(timeout_s))
 
 
 _TEXT = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\s*\{(.*)\}$", re.S)

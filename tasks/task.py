@@ -84,30 +84,44 @@ _SHOTS = {
 # Tool-format examples (ToRA's shape: a rationale line, a program that prints the result, its output,
 # the answer line), hand-written on the same questions as the chain-of-thought ones. The output blocks
 # are what tools/format.py's executor writes for these programs. The number examples open with one
-# generic rationale line: SmolLM2-135M copied problem-specific ones into other problems and then often
-# wrote no program (docs/tools.md, "Choosing the prompt"; measured on arith_dev only).
+# generic rationale line, or (rationale "none") with the program itself: SmolLM2-135M copied
+# problem-specific lines into other problems and then often wrote no program (docs/tools.md,
+# "Choosing the prompt"; measured on arith_dev only).
 TOOL_RATIONALE = "Let's write a program."
-_TOOL_SHOTS = {
-    "number": (
-        _Shot(_SHOTS["number"][0].question,
-              (TOOL_RATIONALE, program_step("crayons = 14 + 9 - 5\nprint(crayons)", "18")), "18"),
-        _Shot(_SHOTS["number"][1].question,
-              (TOOL_RATIONALE, program_step("melons = 6 * 8\nbags = melons // 4\nprint(bags)", "12")), "12"),
-        _Shot(_SHOTS["number"][2].question,
-              (TOOL_RATIONALE, program_step("monday = 25\ntuesday = 2 * monday\nprint(monday + tuesday)", "75")),
-              "75"),
-    ),
-    "latex": (
-        _Shot(_SHOTS["latex"][0].question,
-              ("We add the fractions exactly with sympy.",
-               program_step("from sympy import Rational\nprint(Rational(3, 4) + Rational(1, 6))", "11/12")),
-              "\\boxed{\\frac{11}{12}}"),
-        _Shot(_SHOTS["latex"][1].question,
-              ("We solve the linear equation with sympy.",
-               program_step("from sympy import symbols, solve\nx = symbols('x')\nprint(solve(3*x - 7 - 11, x))", "[6]")),
-              "\\boxed{6}"),
-    ),
-}
+RATIONALES = ("generic", "none")
+"""How the number examples open: the generic line above, or the program (tool.rationale)."""
+
+_NUMBER_PROGRAMS = (
+    ("crayons = 14 + 9 - 5\nprint(crayons)", "18"),
+    ("melons = 6 * 8\nbags = melons // 4\nprint(bags)", "12"),
+    ("monday = 25\ntuesday = 2 * monday\nprint(monday + tuesday)", "75"),
+)
+
+
+def _number_tool_shots(rationale: str) -> tuple[_Shot, ...]:
+    opening = (TOOL_RATIONALE,) if rationale == "generic" else ()
+    return tuple(_Shot(shot.question, (*opening, program_step(code, output)), shot.answer)
+                 for shot, (code, output) in zip(_SHOTS["number"], _NUMBER_PROGRAMS))
+
+
+_LATEX_TOOL_SHOTS = (
+    _Shot(_SHOTS["latex"][0].question,
+          ("We add the fractions exactly with sympy.",
+           program_step("from sympy import Rational\nprint(Rational(3, 4) + Rational(1, 6))", "11/12")),
+          "\\boxed{\\frac{11}{12}}"),
+    _Shot(_SHOTS["latex"][1].question,
+          ("We solve the linear equation with sympy.",
+           program_step("from sympy import symbols, solve\nx = symbols('x')\nprint(solve(3*x - 7 - 11, x))", "[6]")),
+          "\\boxed{6}"),
+)
+
+
+def _shot_table(style: str, rationale: str) -> dict[str, tuple[_Shot, ...]]:
+    if style == "cot":
+        return _SHOTS
+    if rationale not in RATIONALES:
+        raise ValueError(f"tool.rationale={rationale!r}: expected one of {', '.join(RATIONALES)}")
+    return {"number": _number_tool_shots(rationale), "latex": _LATEX_TOOL_SHOTS}
 
 
 def answer_matches(gold: str, predicted: str | None, answer_format: str) -> bool:
@@ -119,11 +133,13 @@ def answer_matches(gold: str, predicted: str | None, answer_format: str) -> bool
     return answers_equal(gold, predicted)
 
 
-def few_shot_examples(answer_format: str, k: int, *, prefix: str, style: str = "cot") -> tuple[Example, ...]:
-    """The first `k` built-in examples for `answer_format` in `style`, their last line "<prefix> <answer>."."""
+def few_shot_examples(answer_format: str, k: int, *, prefix: str, style: str = "cot",
+                      rationale: str = "generic") -> tuple[Example, ...]:
+    """The first `k` built-in examples for `answer_format` in `style`, their last line "<prefix> <answer>.";
+    `rationale` chooses how the tool-format number examples open (RATIONALES)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: expected one of {', '.join(STYLES)}")
-    table = _SHOTS if style == "cot" else _TOOL_SHOTS
+    table = _shot_table(style, rationale)
     if answer_format not in table:
         raise ValueError(f"there are no built-in {style} examples for {answer_format} answers: "
                          f"use tool=none for {answer_format} tasks")
@@ -140,14 +156,15 @@ class AnswerTask:
 
     def __init__(self, *, name: str, load: Callable[[], list[Problem]], answer_format: str = "number",
                  answer_prefix: str = "The answer is", instruction: str | None = None, few_shot: int = 1,
-                 style: str = "cot"):
+                 style: str = "cot", rationale: str = "generic"):
         if answer_format not in FORMATS:
             raise ValueError(f"answer_format={answer_format!r}: expected one of {', '.join(FORMATS)}")
         self.name = name
         self.answer_format = answer_format
         self.answer_prefix = answer_prefix
         self.style = style
-        self.few_shot = few_shot_examples(answer_format, few_shot, prefix=answer_prefix, style=style)
+        self.few_shot = few_shot_examples(answer_format, few_shot, prefix=answer_prefix, style=style,
+                                          rationale=rationale)
         defaults = INSTRUCTIONS if style == "cot" else TOOL_INSTRUCTIONS
         self.instruction = defaults[answer_format].format(prefix=answer_prefix) if instruction is None else instruction
         self._load = load

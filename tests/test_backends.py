@@ -191,3 +191,103 @@ def test_cpu_threads_bind_setting():
     cores = sorted(os.sched_getaffinity(0))
     assert cpu_threads_bind("all") == ",".join(map(str, cores))
     assert cpu_threads_bind("all", tensor_parallel_size=2) is None  # several ranks: vLLM splits the cores
+
+
+# ---- devices and dtypes ---------------------------------------------------------------------------
+
+
+def test_device_resolution():
+    from policy.models import resolve_device
+
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("auto", cuda_available=True) == "cuda"
+    assert resolve_device("cpu", cuda_available=True) == "cpu"
+    assert resolve_device("cuda", cuda_available=True) == "cuda"
+    with pytest.raises(ValueError, match=r"train.device=cuda, but torch sees no CUDA device"):
+        resolve_device("cuda", key="train.device", cuda_available=False)
+    with pytest.raises(ValueError, match=r"backend.device='gpu': expected one of auto, cpu, cuda"):
+        resolve_device("gpu", key="backend.device", cuda_available=True)
+    with pytest.raises(BackendError, match="backend.device='gpu'"):
+        BackendConfig(name="hf", device="gpu")
+    from policy.dpo import TrainConfig
+
+    with pytest.raises(ValueError, match="train.device='gpu'"):
+        TrainConfig(device="gpu")
+    assert TrainConfig().device == BackendConfig().device == "auto"
+
+
+def test_hf_backend_puts_the_model_on_the_resolved_device_in_the_configured_dtype(tiny_model_dir):
+    import torch
+
+    from policy.models import resolve_device
+
+    backend = make_backend(BackendConfig(name="hf", dtype="bfloat16", device="auto"), str(tiny_model_dir))
+    try:
+        expected = resolve_device("auto")
+        params = list(backend.model.parameters())
+        assert backend.device.type == expected and all(p.device.type == expected for p in params)
+        assert all(p.dtype == torch.bfloat16 for p in params)
+        (completion,) = backend.sample(PROMPTS[:1], SamplingSettings(n=2, max_tokens=4, temperature=1.0, seeds=(3,)))
+        assert all(math.isfinite(s.logprob) for s in completion.samples)
+    finally:
+        backend.close()
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="backend.device=cuda"):
+            make_backend(BackendConfig(name="hf", device="cuda"), str(tiny_model_dir))
+
+
+# ---- per-request seeds in vLLM (no engine: the parameters it would be given) ------------------------
+
+
+class _Platform:
+    def __init__(self, cpu: bool):
+        self.cpu = cpu
+
+    def is_cpu(self) -> bool:
+        return self.cpu
+
+
+class _FakeLLM:
+    """Records what `generate` was given; answers each prompt with itself."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params, use_tqdm, tokenization_kwargs):
+        self.calls.append((list(prompts), params))
+        return list(prompts)
+
+
+def _offline_vllm_backend(request_seeds: bool):
+    import types
+
+    from policy.backends.vllm import VLLMBackend
+
+    backend = object.__new__(VLLMBackend)  # no engine: only the request building is under test
+    backend.cfg = BackendConfig(name="vllm")
+    backend.vllm = types.SimpleNamespace(SamplingParams=dict)  # SamplingParams(**kw) -> the kwargs
+    backend.llm = _FakeLLM()
+    backend.request_seeds = request_seeds
+    return backend
+
+
+def test_vllm_request_seeds_act_on_gpus_only():
+    from policy.backends.vllm import honours_request_seeds
+
+    assert honours_request_seeds(_Platform(cpu=False)) and not honours_request_seeds(_Platform(cpu=True))
+    settings = SamplingSettings(n=2, temperature=1.0, seeds=(5, 6))
+    gpu = _offline_vllm_backend(request_seeds=True)._sampling_params(settings)
+    assert [p["seed"] for p in gpu] == [5, 6] and all(p["n"] == 2 for p in gpu)
+    cpu = _offline_vllm_backend(request_seeds=False)._sampling_params(settings)
+    assert isinstance(cpu, dict) and "seed" not in cpu  # the CPU engine: engine seed only
+    unseeded = _offline_vllm_backend(request_seeds=True)._sampling_params(SamplingSettings(n=2))
+    assert isinstance(unseeded, dict) and "seed" not in unseeded
+
+
+def test_vllm_request_seeds_follow_their_prompts_when_sorted():
+    backend = _offline_vllm_backend(request_seeds=True)
+    prompts = ["zzz", "aaa", "mmm"]
+    params = backend._sampling_params(SamplingSettings(seeds=(1, 2, 3)))
+    assert backend._generate(prompts, params) == prompts  # outputs in the caller's order
+    ((sent, sent_params),) = backend.llm.calls
+    assert sent == ["aaa", "mmm", "zzz"] and [p["seed"] for p in sent_params] == [2, 3, 1]

@@ -81,7 +81,7 @@ def test_math_wrong_expressions_are_not_equal(math_answers):
     ("2", "2.0", True), ("0.5", "1/2", True), ("0.5", "\\frac{1}{2}", True), ("0.75", "\\dfrac34", True),
     ("-0.5", "-\\frac{1}{2}", True), ("-0.5", "\\frac{-1}{2}", True), ("18", "\\$18", True), ("18", "$18$", True),
     ("10000", "10{,}000", True), ("1000", "1\\,000", True),
-    # percent: the sign is dropped, never x100 (NOTES.md: no ToRA-style leniency)
+    # percent: the sign is dropped, never x100 (docs/notes.md: no ToRA-style leniency)
     ("50", "50%", True), ("50", "50\\%", True), ("0.5", "50%", False), ("5", "500", False),
     # rounded gold values (MAWPS) against more precise predictions, and what is not rounding
     ("3.33333", "10/3", True), ("0.6666666667", "2/3", True), ("0.67", "2/3", True),
@@ -171,3 +171,61 @@ def test_same_results_from_many_threads(math_answers):
         concurrent = list(pool.map(lambda gp: answers_equal(*gp), pairs))
     assert concurrent == sequential
     assert sum(sequential) >= 60 + 5
+
+
+def test_a_comparison_without_an_answer_is_not_cached(monkeypatch, caplog):
+    replies = iter([None, True])  # a timeout (or a dead worker), then math-verify's answer
+    monkeypatch.setattr(checker._POOL, "ask", lambda gold, pred, timeout_s: next(replies))
+    checker._verify.cache_clear()
+    with caplog.at_level("WARNING", logger="tasks.checker"):
+        assert answers_equal("y^{3}+2", "2+y^{3}") is False
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "no answer" in record.getMessage() and "y^{3}+2" in record.getMessage() and "2+y^{3}" in record.getMessage()
+    assert answers_equal("y^{3}+2", "2+y^{3}") is True  # asked again, not "not equal" from a cache
+    assert answers_equal("y^{3}+2", "2+y^{3}") is True  # an answer is cached (the iterator is spent)
+
+
+BLOCKED_IMPORT = ("import runpy, sys\nsys.modules['math_verify'] = None  # `import math_verify` fails\n"
+                  "runpy.run_path({worker!r}, run_name='__main__')\n")
+
+
+@pytest.mark.parametrize("script, why", [
+    (BLOCKED_IMPORT, "importing math_verify failed: .*Error"),
+    ("import sys\nsys.exit(3)\n", "it exited with code 3"),
+])
+def test_a_worker_that_cannot_start_is_an_error_naming_itself(monkeypatch, tmp_path, caplog, script, why):
+    fake = tmp_path / "broken_worker.py"
+    fake.write_text(script.format(worker=str(checker._WORKER_SCRIPT)))
+    monkeypatch.setattr(checker, "_WORKER_SCRIPT", fake)
+    monkeypatch.setattr(checker, "_POOL", checker._WorkerPool(1))
+    checker._verify.cache_clear()
+    with caplog.at_level("WARNING", logger="tasks.checker"):
+        with pytest.raises(checker.VerifierError, match=f"math-verify worker .*broken_worker.py.* did not start: {why}"):
+            answers_equal("z+1", "1+z")
+    assert any("z+1" in r.getMessage() and "1+z" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    with pytest.raises(checker.VerifierError, match="did not start"):  # every later call, not a silent False
+        answers_equal("\\frac{z}{2}", "z/2")
+    assert answers_equal("1/2", "0.5") and not answers_equal("3", "4")  # numbers never need the worker
+    checker._verify.cache_clear()
+
+
+def test_test_time_search_votes_group_answers_the_checker_calls_equal(monkeypatch):
+    from harness import evaluation
+    from harness.evaluation import EvalConfig, evaluate_problems
+    from mcts.search import SearchConfig
+    from mcts.tree import ROOT, Tree
+    from mcts.types import Problem
+    from policy.step_policy import GenerationConfig
+    from tasks import TaskConfig, make_task
+
+    problem = Problem("p", "q", "18")
+    tree = Tree(problem=problem)
+    tree.root.visits = 7
+    for answer, visits in (("18", 2), ("18.0", 2), ("17", 3)):  # Q 0.5 each: vote weight 0.75 per visit
+        tree.add_child(ROOT, terminal=True, answer=answer, visits=visits, value_sum=0.5 * visits)
+    monkeypatch.setattr(evaluation, "run_search", lambda problems, **kwargs: iter([tree]))
+    task = make_task(TaskConfig(name="arith_test", kind="arith", split="test", n=1))
+    result = evaluate_problems(task, [problem], backend=None, formatter=None, gen=GenerationConfig(),
+                               cfg=EvalConfig(mode="mcts"), search=SearchConfig(), params=1)
+    (record,) = result["records"]
+    assert record["prediction"] == "18" and record["correct"]  # 18 and 18.0 together (3.0) beat 17 (2.25)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 
-from conftest import job_settings
-from harness.config import ConfigError
+from conftest import ROOT, job_settings
+from harness.config import ConfigError, as_dict
+from harness.settings import _GROUPS as GROUP_CLASSES
 from harness.settings import load_settings
+from policy.backends import BackendConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = [d.name for d in sorted(CONF.iterdir()) if d.is_dir()]
@@ -24,6 +29,12 @@ def settings(config_name: str, overrides: list[str]):
 def test_entry_configs_compose(name):
     s = settings(name, [])
     assert s.model.name == "smollm2-135m" and s.task is not None
+    assert (s.tracking is not None) == (name == "iterate")  # only iterate.py keeps a Tracker
+
+
+def test_iterate_needs_its_groups():
+    with pytest.raises(ConfigError, match="iterate needs the pairs, tracking group"):
+        settings("iterate", ["~pairs", "~tracking"])
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
@@ -32,15 +43,90 @@ def test_every_experiment_composes(experiment):
     assert s.run is not None and s.train is not None and s.pairs is not None
 
 
+GLOBAL_GROUPS = {"experiment", "source_arm"}  # `# @package _global_`: diffs over several groups, no dataclass
+
+
+def option_yaml(group: str, option: str) -> dict:
+    """The keys an option file sets itself (its `defaults` list left out), under their group's name
+    unless the file is a global package."""
+    data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+    data.pop("defaults", None)
+    return data if group in GLOBAL_GROUPS else {group: data}
+
+
+def flat(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def at(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def test_every_group_maps_to_a_dataclass():
+    assert set(GROUPS) - GLOBAL_GROUPS == set(GROUP_CLASSES) - {"run"}  # run: the block in iterate.yaml
+
+
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS if g != "experiment"
                                           for p in sorted((CONF / g).glob("*.yaml"))])
-def test_every_group_option_composes(group, option):
-    overrides = [f"{group}={option}" if group != "source_arm" else f"+{group}={option}"]  # not in the defaults
+def test_every_group_option_reaches_its_dataclass(group, option):
+    overrides = [f"{group}={option}" if group not in GLOBAL_GROUPS else f"+{group}={option}"]  # not in the defaults
     if group == "model" and option == "local":
         overrides.append("model.path=/some/folder")
-    if group == "task":
-        overrides.append("task.path=/some/file.jsonl") if option in ("jsonl", "multiple_choice") else None
-    settings("iterate", overrides)
+    if group == "task" and option in ("jsonl", "multiple_choice"):
+        overrides.append("task.path=/some/file.jsonl")
+    built = as_dict(settings("iterate", overrides))
+    for key, value in flat(option_yaml(group, option)):
+        if any(o.startswith(f"{key}=") for o in overrides):
+            continue
+        assert at(built, key) == value, f"{group}={option}: {key} built as {at(built, key)!r}, the yaml says {value!r}"
+
+
+def reference_option(group: str) -> list[str]:
+    """The overrides that select the option whose values a group's dataclass defaults must equal: the
+    one conf/iterate.yaml selects (what `make demo` runs), except for `backend`, whose dataclass
+    default is the in-process transformers engine (`name: hf`: no extra package, what tests and
+    library callers get), while the demo runs vLLM. `run` has no options: its block in iterate.yaml."""
+    if group == "run":
+        return []
+    if group == "backend":
+        return [f"backend={BackendConfig().name}"]
+    entries = yaml.safe_load((CONF / "iterate.yaml").read_text())["defaults"]
+    selected = {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
+    return [f"{group}={selected[group]}"]
+
+
+@pytest.mark.parametrize("group", sorted(GROUP_CLASSES))
+def test_dataclass_defaults_equal_the_default_yaml(group):
+    cls = GROUP_CLASSES[group]
+    composed, default = getattr(settings("iterate", reference_option(group)), group), cls()
+    differ = [f"{group}.{f.name}: yaml {getattr(composed, f.name)!r}, dataclass {getattr(default, f.name)!r}"
+              for f in dataclasses.fields(cls) if getattr(composed, f.name) != getattr(default, f.name)]
+    assert not differ, "; ".join(differ)
+
+
+def readme_group_table() -> dict[str, set[str]]:
+    """group -> the options README's config-group table lists (the backticked names in its second column)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| group | options | what it sets |") + 2
+    table = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        group, options = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        table[group.strip("`")] = set(re.findall(r"`([\w-]+)`", options))
+    return table
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_readme_lists_every_group_option(group):
+    files = {p.stem for p in (CONF / group).glob("*.yaml")}
+    assert readme_group_table().get(group) == files, f"README's table for {group} vs conf/{group}/: {sorted(files)}"
 
 
 def test_typo_in_a_group_is_named():
@@ -80,12 +166,12 @@ def test_source_compare96_arms(arm):
     assert s.pairs.match_steps == (arm == "mcts_solver_matchsteps")
     import yaml
     swept = yaml.safe_load((CONF / "experiment" / "source_compare96.yaml").read_text())["hydra"]["sweeper"]["params"]
-    assert arm in swept["source_arm"].split(",") or arm.endswith("_sft")  # the _sft arms: run on their own (README)
+    assert arm in swept["source_arm"].split(",") or arm.endswith("_sft")  # the _sft arms: run on their own (docs/experiments.md)
 
 
 def test_default_loss_is_dpo_plus_nll_and_measured_presets_keep_plain_dpo():
     # the default trains DPO + an NLL term on the chosen side (RPO); the presets whose results the
-    # README quotes were measured with plain DPO and pin it, so that they reproduce
+    # docs/results/ quotes were measured with plain DPO and pin it, so that they reproduce
     assert settings("iterate", []).train.loss_type == ("sigmoid", "sft")
     for experiment in ("source_compare", "search_compute", "train_vs_infer"):
         assert settings("iterate", [f"experiment={experiment}"]).train.loss_type == ("sigmoid",), experiment

@@ -20,6 +20,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import ROOT, job_settings
+from harness.seeds import engine_config
 from harness.settings import load_settings
 from mcts.pairs import PairsConfig, extract_pairs, read_pairs
 from mcts.sampling import outcome_pairs
@@ -78,8 +79,11 @@ def test_every_sweep_job_composes_with_a_unique_run_name(experiment):
     names = [s.run.name for s in settings]
     assert len(set(names)) == len(names), f"run names collide: {names}"
     assert all(s.run.dir.endswith(s.run.name) for s in settings)
-    if experiment != "smoke":
-        assert all(s.backend.seed == s.run.seed for s in settings), "backend.seed must follow run.seed"
+    engine_seeds = {}  # run.seed -> the engine seeds its jobs get (harness/seeds.py derives them from run.seed)
+    for s in settings:
+        engine_seeds.setdefault(s.run.seed, set()).add(engine_config(s).seed)
+    assert all(len(seeds) == 1 for seeds in engine_seeds.values()), "jobs of one run.seed must share the engine seed"
+    assert len(set.union(*engine_seeds.values())) == len(engine_seeds), "each run.seed must get its own engine seed"
 
 
 def test_sweep_sizes_and_settings():
@@ -132,7 +136,7 @@ def test_correct_nodes():
 
 def test_pair_quality_on_known_pairs():
     tree = quality_tree()
-    extracted = extract_pairs(tree, config=PairsConfig(margin=0.0), format_prompt=lambda p, s: "Q", separator="\n")
+    extracted = extract_pairs(tree, config=PairsConfig(margin=0.0, verified=False, full=False), format_prompt=lambda p, s: "Q", separator="\n")
     # root: chosen A (q 1/3) vs rejected B (q -1); A: A1 vs A2; C and D have one child each.
     assert [(p["node_id"], p["chosen"], p["rejected"]) for p in extracted] == [
         (1, "The answer is 5.", "The answer is 6."), (0, "x = 2 + 3\n", "x = 2 * 3")]
@@ -290,7 +294,7 @@ def fake_run(path: Path, *, seed: int, rounds: int = 2, written: int | None = No
     (path / "metrics.jsonl").write_text("")
     write_json(path / "initial" / "eval.json", {"arith_test": eval_entry("arith_test", correct[0])})
     tree = quality_tree()
-    pairs = extract_pairs(tree, config=PairsConfig(margin=0.0), format_prompt=lambda p, s: "Q", separator="\n")
+    pairs = extract_pairs(tree, config=PairsConfig(margin=0.0, verified=False, full=False), format_prompt=lambda p, s: "Q", separator="\n")
     for k in range(rounds if written is None else written):
         rd = path / f"round_{k}"
         write_json(rd / "eval.json", {"arith_test": eval_entry("arith_test", correct[k + 1])})

@@ -102,8 +102,10 @@ def test_report_lists_flipped_problems(tmp_path):
     text = flipped_examples(history)
     assert "t: 1 problems newly solved, 1 newly failed" in text
     assert "[p0] q0" in text and "before: step / The answer is 2." in text and "after:  step / The answer is 1." in text
-    report = write_report(tmp_path, history)
+    report = write_report(tmp_path, history, command="python iterate.py run.name=x")
     assert "Per problem" in report and (tmp_path / "accuracy.png").is_file()
+    assert "Written by `python iterate.py run.name=x` on " in report  # the generator writes its provenance
+    assert (tmp_path / "summary.md").read_text() == report
 
 
 def test_copy_round0_search(tmp_path):

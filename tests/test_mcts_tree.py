@@ -79,3 +79,13 @@ def test_malformed_middle_line_raises(tmp_path):
     write_trees(path, [small_tree("b")], append=True)
     with pytest.raises(ValueError, match=r"trees.jsonl:2"):
         read_trees(path)
+
+
+def test_malformed_tree_structure_is_named():
+    d = small_tree().to_json()
+    root, first = d["nodes"][:2]
+    for nodes, message in [([], "no root"), ([{**root, "parent": 2}, first], "node 0 has bad parent 2"),
+                           ([root, {**first, "id": 5}], "position 1 has id 5"),
+                           ([root, {**first, "parent": 1}], "node 1 has bad parent 1")]:
+        with pytest.raises(ValueError, match=message):
+            Tree.from_json({**d, "nodes": nodes})

@@ -105,3 +105,29 @@ def test_with_the_fake_search_policy():
         bad = {tree.nodes[c].text for c in tree.root.children if tree.nodes[c].outcome < 0}
         assert len(pairs) == min(3, len(good) * len(bad))
         assert all(p["chosen"] in good and p["rejected"] in bad for p in pairs)
+
+
+def test_priors_use_the_given_length_exponent():
+    from mcts.search import SearchConfig
+    from mcts.select import step_priors
+
+    lengths = [len(t.split()) for t in SCRIPT["a"]]
+    priors = {}
+    for exponent in (0.0, 2.0):
+        policy = Scripted(SCRIPT)
+        (a,) = sample_trees((P1,), expander=policy, verifier=policy, samples=4, length_exponent=exponent)
+        priors[exponent] = [n.prior for n in a.nodes[1:]]
+        assert priors[exponent] == step_priors([-1.0] * 4, lengths, length_exponent=exponent)
+    assert priors[0.0] != priors[2.0]
+    _, (default, *_) = grow()
+    assert [n.prior for n in default.nodes[1:]] == step_priors([-1.0] * 4, lengths,
+                                                              length_exponent=SearchConfig().length_exponent)
+
+
+def test_request_seeds_are_the_searchs_root_seeds():
+    from harness.seeds import derive_seed
+    from mcts.tree import ROOT as ROOT_ID
+
+    policy = FakePolicy()
+    list(sample_trees([sum_problem([1, 2], pid="q")], expander=policy, verifier=policy, samples=2, seed=7))
+    assert [r.seed for r in policy.expand_log] == [derive_seed(7, "q", ROOT_ID)]

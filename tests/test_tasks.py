@@ -320,12 +320,6 @@ def test_every_task_yaml_builds(conf, shared_data):
     assert task.user_message(problems[0]).endswith(problems[0].question)
 
 
-def test_task_yamls_cover_the_readme_list():
-    assert {p.stem for p in TASK_CONFS} >= {
-        "arith", "arith_test", "gsm8k", "gsm8k_test", "math", "svamp", "mawps_singleop", "mawps_addsub",
-        "mawps_multiarith", "mawps_singleeq", "jsonl", "multiple_choice"}
-
-
 def test_bad_task_configs():
     with pytest.raises(ConfigError, match="expected one of arith, gsm8k, math"):
         build(TaskConfig, {"kind": "gsm9k"}, "task")

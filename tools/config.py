@@ -19,6 +19,8 @@ class ToolConfig:
     code_max_tokens: the longest program (the tokens generated after the opening fence, up to the
         output fence).
     few_shot: built-in tool-format worked examples before the question (tasks/task.py).
+    rationale: how the number examples open: "generic" (one line, "Let's write a program.") or
+        "none" (the program opens the solution); tasks/task.py RATIONALES.
     sandbox: the limits each program runs under (tools/sandbox.py).
     """
 
@@ -26,6 +28,7 @@ class ToolConfig:
     max_calls: int = 4
     code_max_tokens: int = 256
     few_shot: int = 2
+    rationale: str = "generic"
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     def __post_init__(self) -> None:

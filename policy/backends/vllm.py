@@ -10,6 +10,12 @@ sampled token's log-prob is computed). The engine is started with `logprobs_mode
 (vLLM's default, set explicitly), so these are the un-tempered model log-probabilities, before
 temperature and top-p, the same quantity the hf backend returns. The tokens of a matched stop
 string and the EOS token are counted, as in the hf backend.
+
+Seeds: on a GPU, a call's per-prompt seeds (`SamplingSettings.seeds`) become `SamplingParams(seed=...)`,
+one per prompt (vLLM seeds a prompt's n samples seed, seed + 1, ...). On the CPU they are ignored:
+per-request seeds crash vLLM's CPU engine ("CPU Generator does not use offset", docs/notes.md), so there the
+engine seed (`LLM(seed=backend.seed)`) alone seeds sampling, and a prompt's samples depend on the
+other requests the engine schedules with it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from policy.backends.base import (
     Sample,
     SamplingSettings,
     Usage,
+    check_seeds,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +74,12 @@ def finish_reason(output: Any) -> str:
     if isinstance(output.stop_reason, str):
         return FINISH_STOP
     return FINISH_EOS
+
+
+def honours_request_seeds(platform: Any) -> bool:
+    """Whether a vLLM engine on `platform` (vllm.platforms.current_platform) may be given per-request
+    seeds: not on the CPU (see the module docstring)."""
+    return not platform.is_cpu()
 
 
 def prefix_order(prompts: Sequence[str]) -> list[int]:
@@ -120,6 +133,7 @@ class VLLMBackend:
         self.usage = Usage()
         self.last_usage = Usage()
         self.llm: vllm.LLM | None = None
+        self.request_seeds = False  # per-request seeds reach the engine (set at load: GPU only)
         self.model_path = ""
         self.engine_pids: set[int] = set()
         self.start_seconds = 0.0
@@ -136,6 +150,9 @@ class VLLMBackend:
         start = time.perf_counter()
         log.info("vllm backend: starting an engine for %s (%s)", model_path, self.cfg.dtype)
         self.llm = self.vllm.LLM(**self._engine_args(model_path))
+        from vllm.platforms import current_platform
+
+        self.request_seeds = honours_request_seeds(current_platform)
         self.start_seconds = time.perf_counter() - start
         self.engine_pids = {p.pid for p in _child_processes()} - before - {_resource_tracker_pid()}
         self.tokenizer = self.llm.get_tokenizer()
@@ -186,9 +203,12 @@ class VLLMBackend:
         return self.llm
 
     def _generate(self, prompts: Sequence[str], params: Any) -> list[Any]:
-        """Run the engine on `prompts` (submitted in prefix order), outputs in the caller's order."""
+        """Run the engine on `prompts` (submitted in prefix order), outputs in the caller's order.
+        `params`: one SamplingParams for all, or a list of one per prompt."""
         llm = self._check_open()
         order = prefix_order(prompts) if self.cfg.sort_prompts else list(range(len(prompts)))
+        if isinstance(params, list):
+            params = [params[i] for i in order]
         outs = llm.generate([prompts[i] for i in order], params, use_tqdm=False,
                             tokenization_kwargs=TOKENIZATION_KWARGS)
         result: list[Any] = [None] * len(prompts)
@@ -214,20 +234,25 @@ class VLLMBackend:
     # ---- sample ----------------------------------------------------------------------------
 
     def sample(self, prompts: Sequence[str], settings: SamplingSettings) -> list[Completion]:
+        check_seeds(prompts, settings)
         if not prompts:
             self._record([])
             return []
-        params = self.vllm.SamplingParams(
-            n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-            max_tokens=settings.max_tokens, stop=list(settings.stop) or None, logprobs=0,
-        )
-        outs = self._generate(prompts, params)
+        outs = self._generate(prompts, self._sampling_params(settings))
         self._record(outs)
         return [
             Completion(samples=tuple(self._to_sample(c) for c in o.outputs),
                        prompt_tokens=len(o.prompt_token_ids), cached_tokens=o.num_cached_tokens or 0)
             for o in outs
         ]
+
+    def _sampling_params(self, settings: SamplingSettings) -> Any:
+        """One SamplingParams for the call, or one per prompt carrying its seed (GPU only)."""
+        kwargs = dict(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                      max_tokens=settings.max_tokens, stop=list(settings.stop) or None, logprobs=0)
+        if settings.seeds is None or not self.request_seeds:
+            return self.vllm.SamplingParams(**kwargs)
+        return [self.vllm.SamplingParams(**kwargs, seed=seed) for seed in settings.seeds]
 
     @staticmethod
     def _to_sample(c: Any) -> Sample:
@@ -262,4 +287,4 @@ class VLLMBackend:
         return ids[0]
 
 
-__all__ = ["MISSING_VLLM", "VLLMBackend", "finish_reason", "import_vllm", "prefix_order"]
+__all__ = ["MISSING_VLLM", "VLLMBackend", "finish_reason", "honours_request_seeds", "import_vllm", "prefix_order"]
