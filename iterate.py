@@ -32,7 +32,7 @@ from harness.report import write_report
 from harness.rundir import (RoundDir, copy_round0_search, owned, read_json, remove_stale_temps, round_dir,
                             truncate_partial_line, write_config, write_json_atomic, write_jsonl_atomic,
                             write_text_atomic)
-from harness.seeds import derive_seed, engine_config  # the project's one seed derivation (harness/seeds.py)
+from harness.seeds import derive_seed, engine_config, eval_seed, search_seed  # the project's seeds (harness/seeds.py)
 from harness.settings import Settings, load_settings
 from harness.tracking import Tracker, forget_steps
 from mcts.pairs import extract_pairs, pair_stats, read_pairs
@@ -89,7 +89,7 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
         rd.path.mkdir(parents=True, exist_ok=True)
         with rd.trees.open("a", encoding="utf-8") as out, \
                 tqdm(total=len(problems), initial=len(done), desc=f"round {k} search", unit="tree") as bar:
-            seed = derive_seed(s.run.seed, k, "search")
+            seed = search_seed(s.run.seed, k)
             if s.pairs.source == "sampling":  # the outcome-only baseline (mcts/sampling.py)
                 trees = sample_trees(todo, expander=policy, verifier=task, samples=s.pairs.samples,
                                      batch_problems=s.search.batch_trees, seed=seed, length_exponent=s.search.length_exponent)
@@ -173,11 +173,11 @@ def round_problems(pool: list, s: Settings, k: int) -> list:
     return pool[k * s.run.problems_per_round:(k + 1) * s.run.problems_per_round]
 
 
-def check_resume(s: Settings, run_dir: Path, pool: list) -> None:
+def check_resume(s: Settings, run_dir: Path, pool: list, flat: dict) -> None:
     """Compare every started phase on disk with this invocation's config, before any work: a change
     raises ConfigError naming the keys (run.on_change=error) or deletes the affected phases and all
-    after them (rerun). Phases without a fingerprint (older run directories) are warned about."""
-    flat = fingerprint.flatten(as_dict(s))
+    after them (rerun). Phases without a fingerprint (older run directories) are warned about.
+    `flat`: this invocation's settings, flattened (fingerprint.flatten)."""
     conflicts, unknown = [], []
     if s.run.evaluate_initial and s.eval_tasks:
         expected = {"eval": fingerprint.eval_fingerprints(flat, s.eval_tasks, "initial")}
@@ -232,16 +232,18 @@ def run(cfg: DictConfig) -> dict:
         if len(pool) < needed:
             raise ConfigError(f"task {task.name!r} has {len(pool)} problems; {s.run.rounds} rounds x "
                               f"{s.run.problems_per_round} problems need {needed}: raise task.n or lower run.problems_per_round")
-        check_resume(s, run_dir, pool)
+        flat = fingerprint.flatten(as_dict(s))
+        check_resume(s, run_dir, pool, flat)
         config_text = OmegaConf.to_yaml(cfg, resolve=True)
         write_config(run_dir, config_text)
         tracker = stack.enter_context(contextlib.closing(
             Tracker(run_dir, s.tracking, run_name=s.run.name, config=as_dict(s))))
         engine = stack.enter_context(contextlib.closing(Engine(s)))
-        return _rounds(s, run_dir, tracker, engine, task, pool, config_text)
+        return _rounds(s, run_dir, tracker, engine, task, pool, config_text, flat)
 
 
-def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, pool: list, config_text: str) -> dict:
+def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, pool: list, config_text: str,
+            flat: dict) -> dict:
     initial_path = resolve_model_path(s.model)
     params = s.model.params or count_parameters(initial_path)
     tokenizer = load_tokenizer(initial_path)  # the tokenizer never changes across rounds
@@ -251,14 +253,13 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, 
         etask = make_task(tcfg, s.tool)
         eval_tasks[name] = (etask, slice_problems(etask.problems(), s.eval.limit, s.eval.seed))
     formatter_for = lambda t: PromptFormatter(tokenizer, t, s.prompt)  # noqa: E731
-    flat = fingerprint.flatten(as_dict(s))
 
     history: list[dict] = []
     cumulative_flops = 0.0
     if s.run.evaluate_initial and eval_tasks:
         t0 = time.time()
         results = eval_phase(s, run_dir / "initial" / "eval.json", initial_path, engine, eval_tasks, formatter_for,
-                             params, derive_seed(s.run.seed, "eval"),
+                             params, eval_seed(s.run.seed),
                              fingerprint.eval_fingerprints(flat, eval_tasks, "initial"))
         tracker.log({**eval_metrics(results), "time/eval_s": time.time() - t0}, step=0)
         history.append({"round": "initial", "eval": results})
@@ -304,7 +305,7 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, 
         done = read_json(rd.eval) if rd.eval.is_file() else {}
         eval_fps = begin("eval") if any(name not in done for name in eval_tasks) else None
         results = eval_phase(s, rd.eval, policy_path, engine, eval_tasks, formatter_for, params,
-                             derive_seed(s.run.seed, "eval"), eval_fps) if eval_tasks else {}
+                             eval_seed(s.run.seed), eval_fps) if eval_tasks else {}
         times["eval"] = time.time() - t0
 
         compute = {

@@ -1,6 +1,5 @@
-"""The project's one seed derivation, and the seeds every entry point derives from its root seed.
-
-    derive_seed(0, "p0", 0)         # a stable 31-bit seed from any parts (blake2b, not Python's salted hash)
+"""The seeds every entry point derives from its root seed, through the project's one derivation
+(`derive_seed`, mcts/seeds.py, re-exported here).
 
 Every seed in a run comes from one root (`run.seed` in iterate.py; 0 in evaluate.py and search.py,
 which have no run group) through `derive_seed`, so the same settings sample the same way in every
@@ -17,19 +16,12 @@ entry point:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from typing import Any
 
-SEED_BITS = 31  # seeds fit a signed 32-bit int (numpy, torch and vLLM all accept them)
+from mcts.seeds import SEED_BITS, derive_seed  # noqa: F401  (the one derivation; re-exported here)
+
 DEFAULT_ROOT = 0  # the root seed of an entry point without a run group (= RunConfig.seed's default)
-
-
-def derive_seed(*parts: Any) -> int:
-    """A stable seed in [0, 2**31) from `parts` (their str() joined by \\x1f, hashed with blake2b):
-    the same in every process and Python version, different for different parts."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % (1 << SEED_BITS)
 
 
 def root_seed(run: Any | None) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from harness.seeds import derive_seed
+from mcts.seeds import derive_seed  # the project's one seed derivation
 from mcts.select import normalize_step, step_priors
 from mcts.tree import ROOT, Tree
 from mcts.types import ExpandRequest, Expander, Problem, Verifier, programs_run

@@ -38,7 +38,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from harness.seeds import derive_seed  # per-request seeds: the project's one derivation
+from mcts.seeds import derive_seed  # the project's one seed derivation
 from mcts.select import (
     merge_duplicates,
     most_visited_child,

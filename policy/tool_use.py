@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
-from harness.seeds import derive_seed
+from mcts.seeds import derive_seed  # the project's one seed derivation
 from mcts.types import NO_PROGRAM_ERROR, ToolCall
 from policy.backends.base import FINISH_LENGTH, FINISH_STOP, Backend, Completion, SamplingSettings
 from tools.config import ToolConfig

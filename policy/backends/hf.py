@@ -37,7 +37,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from harness.seeds import derive_seed
+from mcts.seeds import derive_seed  # the project's one seed derivation
 from policy.backends import BackendConfig, BackendError
 from policy.backends.base import (
     FINISH_EOS,
