@@ -44,12 +44,12 @@ class EvalConfig:
     """
 
     mode: str = "greedy"
-    limit: int | None = 100
+    limit: int | None = None
     seed: int | None = 0
     k: int = 8
     temperature: float = 0.8
     top_p: float = 0.95
-    batch_size: int = 64
+    batch_size: int = 256
 
 
 MODES = ("greedy", "sampling", "mcts")

@@ -45,7 +45,7 @@ class RunConfig:
     name: str = "demo"
     dir: str = "runs/demo"
     rounds: int = 2
-    problems_per_round: int = 48
+    problems_per_round: int = 64
     seed: int = 0
     evaluate_initial: bool = True
     search_from: str | None = None

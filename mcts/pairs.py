@@ -44,7 +44,7 @@ FormatPrompt = Callable[[Problem, tuple[str, ...]], str]
 
 @dataclass(frozen=True)
 class PairsConfig:
-    """The `pairs` config group (conf/pairs/default.yaml).
+    """The `pairs` config group (conf/pairs/mcts.yaml: step-level pairs; conf/pairs/sampling.yaml: the demo's).
 
     source: "mcts" (step-level pairs from search trees) or "sampling" (the outcome-only baseline:
         `samples` whole solutions per problem, correct paired with wrong; see mcts/sampling.py).

@@ -14,7 +14,6 @@ from conftest import ROOT, job_settings
 from harness.config import ConfigError, as_dict
 from harness.settings import _GROUPS as GROUP_CLASSES
 from harness.settings import load_settings
-from policy.backends import BackendConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = [d.name for d in sorted(CONF.iterdir()) if d.is_dir()]
@@ -87,15 +86,20 @@ def test_every_group_option_reaches_its_dataclass(group, option):
         assert at(built, key) == value, f"{group}={option}: {key} built as {at(built, key)!r}, the yaml says {value!r}"
 
 
+# Groups whose dataclass default is not the demo's option: the in-process transformers engine (no extra
+# package), MCTS's step-level pairs (the paper's algorithm) and chain of thought (no sandbox) are what
+# tests and library callers get; the demo runs vLLM, sampled pairs and program steps (issue 21).
+LIBRARY_OPTIONS = {"backend": "hf", "pairs": "mcts", "tool": "none"}
+
+
 def reference_option(group: str) -> list[str]:
     """The overrides that select the option whose values a group's dataclass defaults must equal: the
-    one conf/iterate.yaml selects (what `make demo` runs), except for `backend`, whose dataclass
-    default is the in-process transformers engine (`name: hf`: no extra package, what tests and
-    library callers get), while the demo runs vLLM. `run` has no options: its block in iterate.yaml."""
+    one conf/iterate.yaml selects (what `make demo` runs), except for LIBRARY_OPTIONS. `run` has no
+    options: its block in iterate.yaml."""
     if group == "run":
         return []
-    if group == "backend":
-        return [f"backend={BackendConfig().name}"]
+    if group in LIBRARY_OPTIONS:
+        return [f"{group}={LIBRARY_OPTIONS[group]}"]
     entries = yaml.safe_load((CONF / "iterate.yaml").read_text())["defaults"]
     selected = {k: v for e in entries if isinstance(e, dict) for k, v in e.items()}
     return [f"{group}={selected[group]}"]

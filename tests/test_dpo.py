@@ -452,3 +452,14 @@ def test_dpo_plus_sft_adds_the_chosen_nll(trained, pairs, tiny_model_dir, tmp_pa
                      cfg=dataclasses.replace(TINY, loss_type=("sigmoid", "sft")))
     assert both.steps == plain.steps and all(math.isfinite(v) for v in both.loss_history)
     assert both.loss_history[0] - plain.loss_history[0] > 2.0
+
+
+def test_training_process_keeps_freed_memory_unless_told_otherwise(monkeypatch):
+    from policy.dpo import MALLOC_ENV, _child_env
+
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert {k: _child_env(True)[k] for k in MALLOC_ENV} == MALLOC_ENV
+    assert not set(MALLOC_ENV) & set(_child_env(False))
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")  # the caller's own choice wins
+    assert _child_env(True)["MALLOC_MMAP_MAX_"] == "65536"

@@ -50,6 +50,16 @@ def test_smoke_round_end_to_end(tiny_model_dir, tmp_path):
     assert (run_dir / "accuracy.png").is_file() and (run_dir / "summary.md").is_file()
     assert "round" in proc.stdout
 
+    # The transfer check: the starting model and the final policy on another task, paired.
+    out = tmp_path / "transfer"
+    moved = run_py("experiments/transfer.py", str(run_dir), "--tasks", "arith_test,mawps_addsub", "--limit", "3",
+                   "--out", str(out))
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    for point in ("initial", "round_0"):
+        done = json.loads((run_dir / "transfer" / point / "eval.json").read_text())
+        assert set(done) == {"arith_test", "mawps_addsub"} and all(r["n"] == 3 for r in done.values())
+    assert "| mawps_addsub | smoke (round_0) | 3 |" in moved.stdout and out.with_suffix(".md").is_file()
+
     # Re-running a finished run redoes nothing.
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json")}
     again = run_py("iterate.py", "experiment=smoke", f"run.dir={run_dir}")

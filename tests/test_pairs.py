@@ -17,7 +17,7 @@ PROBLEM = Problem("p1", "Tom has 2 apples and buys 3. How many?", "5")
 
 def q_ranked(**kw) -> PairsConfig:
     """MCTS-DPO's extraction (Q-ranked, one step each side) unless `kw` says otherwise; the defaults
-    (conf/pairs/default.yaml) are verified whole continuations."""
+    (conf/pairs/mcts.yaml) are verified whole continuations."""
     return PairsConfig(**{"verified": False, "full": False, **kw})
 
 

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 from policy.backends import BackendConfig, BackendError
@@ -58,7 +59,12 @@ TOKENIZATION_KWARGS = {"add_special_tokens": False}
 def import_vllm() -> Any:
     # vLLM logs every engine step at INFO and a warning per weight on dtype casts; keep the console for
     # progress bars unless the user sets VLLM_LOGGING_LEVEL.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if "VLLM_LOGGING_LEVEL" not in os.environ:
+        os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"
+        # Its import logs Triton's absence through our root logger (CPU) and warns about a torch
+        # deprecation in its own code: neither is the user's to act on.
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
     try:
         import vllm
     except ImportError as e:
