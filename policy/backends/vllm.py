@@ -65,6 +65,7 @@ def import_vllm() -> Any:
         # deprecation in its own code: neither is the user's to act on.
         logging.getLogger("vllm").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the engine's own processes
     try:
         import vllm
     except ImportError as e:
