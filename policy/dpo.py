@@ -614,10 +614,27 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
     model = _load_model(policy_path, cfg)
     ref_model = None if _same_model(policy_path, ref_path) else _load_model(ref_path, cfg)
     collator = EnvironmentMaskCollator(preference_collator(tokenizer, model, args))
-    return conservative_trainer_class()(model=model, ref_model=ref_model, args=args, data_collator=collator,
-                                        train_dataset=Dataset.from_list(list(encoded.rows)),
-                                        processing_class=tokenizer, peft_config=peft_config,
-                                        shared_prompt=cfg.shared_prompt)
+    trainer = conservative_trainer_class()(model=model, ref_model=ref_model, args=args, data_collator=collator,
+                                           train_dataset=Dataset.from_list(list(encoded.rows)),
+                                           processing_class=tokenizer, peft_config=peft_config,
+                                           shared_prompt=cfg.shared_prompt)
+    _quiet_progress(trainer)
+    return trainer
+
+
+def _quiet_progress(trainer) -> None:
+    """The training bar shows the step's loss instead of printing every logged dict on a line of its
+    own (transformers' ProgressCallback); the logs still reach `state.log_history` (TrainResult)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress)
 
 
 def _summarize(log_history: list[dict[str, Any]], *, epochs: int) -> dict[str, Any]:

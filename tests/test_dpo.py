@@ -463,3 +463,11 @@ def test_training_process_keeps_freed_memory_unless_told_otherwise(monkeypatch):
     assert not set(MALLOC_ENV) & set(_child_env(False))
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")  # the caller's own choice wins
     assert _child_env(True)["MALLOC_MMAP_MAX_"] == "65536"
+
+
+def test_training_prints_a_bar_not_a_dict_per_step(pairs, tiny_model_dir, tmp_path, capfd):
+    result = train_dpo(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir),
+                       out_dir=str(tmp_path / "policy"), cfg=TINY)
+    out, err = capfd.readouterr()
+    assert len(result.loss_history) == result.steps == 2  # the logs still reach the result
+    assert "'loss'" not in out + err and "'grad_norm'" not in out + err
