@@ -233,7 +233,8 @@ def test_tool_config_composes_and_names_bad_keys():
 
     s = job_settings("iterate", ["tool=python"])
     assert s.tool.enabled and s.tool.max_calls == 4 and s.tool.sandbox.timeout_s == 5.0
-    assert job_settings("iterate", []).tool.name == "none"
+    assert job_settings("iterate", []).tool.name == "python"  # the demo's (issue 21)
+    assert job_settings("iterate", ["tool=none"]).tool.name == ToolConfig().name == "none"  # the library's
     with pytest.raises(ConfigError, match="tool.sandbox.timeout"):
         build(ToolConfig, {"name": "python", "sandbox": {"timeout": 1}}, "tool")
     with pytest.raises(ConfigError, match="tool.name"):
