@@ -15,6 +15,7 @@ format, docs/formats.md; a task already there is not redone), and the table to <
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shlex
@@ -30,17 +31,15 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from harness.config import ConfigError, build  # noqa: E402
 from harness.errors import exit_on_user_error  # noqa: E402
-from harness.evaluation import evaluate_problems, slice_problems, summary_line  # noqa: E402
-from harness.rundir import read_json, write_json_atomic  # noqa: E402
-from harness.seeds import engine_config, eval_seed  # noqa: E402
+from harness.evaluation import slice_problems  # noqa: E402
+from harness.rundir import write_json_atomic  # noqa: E402
+from harness.seeds import eval_seed  # noqa: E402
 from harness.settings import Settings, load_settings  # noqa: E402
-from harness.stats import paired_difference, significance  # noqa: E402
-from policy.backends import make_backend  # noqa: E402
+from harness.stats import format_difference, outcomes, paired_difference  # noqa: E402
+from iterate import Engine, eval_phase  # noqa: E402  (iterate.py's evaluation phase, resumable per task)
 from policy.models import count_parameters, load_tokenizer, resolve_model_path  # noqa: E402
 from policy.prompts import PromptFormatter  # noqa: E402
 from tasks import TaskConfig, make_task  # noqa: E402
-
-log = logging.getLogger("transfer")
 
 DEFAULT_TASKS = ("svamp", "mawps_addsub", "mawps_multiarith", "mawps_singleeq")  # the wordings never trained or tuned on
 
@@ -77,41 +76,27 @@ def eval_key(s: Settings) -> str:
 
 def evaluate_point(s: Settings, model_path: str, out: Path, tasks: dict[str, TaskConfig], limit: int | None,
                    params: int) -> dict[str, dict]:
-    """Evaluate `model_path` on every task not yet in `out` (rewritten as each finishes); one engine."""
-    results = read_json(out) if out.is_file() else {}
-    todo = [name for name in tasks if name not in results]
-    if todo:
-        tokenizer = load_tokenizer(model_path)
-        backend = make_backend(engine_config(s), model_path)
-        try:
-            for name in todo:
-                task = make_task(tasks[name], s.tool)
-                problems = slice_problems(task.problems(), limit, s.eval.seed)
-                result = evaluate_problems(task, problems, backend=backend,
-                                           formatter=PromptFormatter(tokenizer, task, s.prompt), gen=s.generation,
-                                           cfg=replace(s.eval, mode="greedy"), search=s.search, params=params,
-                                           seed=eval_seed(s.run.seed), tool=s.tool)
-                log.info("%s %s", out.parent.name, summary_line(result))
-                results[name] = result
-                write_json_atomic(out, results)
-        finally:
-            backend.close()
-    return {name: results[name] for name in tasks}
-
-
-def outcomes(result: dict) -> dict[str, bool]:
-    return {str(r["id"]): bool(r["correct"]) for r in result.get("records") or []}
+    """Greedy evaluation of `model_path` on every task not yet in `out`, through iterate.py's own
+    evaluation phase (rewritten as each task finishes; one engine, started only if a task is left)."""
+    s = replace(s, eval=replace(s.eval, mode="greedy"))
+    tokenizer = load_tokenizer(model_path)
+    eval_tasks = {}
+    for name, tcfg in tasks.items():
+        task = make_task(tcfg, s.tool)
+        eval_tasks[name] = (task, slice_problems(task.problems(), limit, s.eval.seed))
+    with contextlib.closing(Engine(s)) as engine:
+        return eval_phase(s, out, model_path, engine, eval_tasks, lambda t: PromptFormatter(tokenizer, t, s.prompt),
+                          params, eval_seed(s.run.seed))
 
 
 def table(rows: list[dict]) -> str:
-    head = "| task | run | problems | before | after | paired difference [95%] | |"
-    lines = [head, "|:---|:---|---:|---:|---:|:---|:---|"]
+    head = "| task | run | problems | before | after | paired difference [95%] |"
+    lines = [head, "|:---|:---|---:|---:|---:|:---|"]
     for r in rows:
         d = r["diff"]
         before = "-" if r["before"] is None else f"{100 * r['before']:.1f}%"
         after = "-" if r["after"] is None else f"{100 * r['after']:.1f}%"
-        lines.append(f"| {r['task']} | {r['run']} | {d['problems']} | {before} | {after} | "
-                     f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | {significance(d)} |")
+        lines.append(f"| {r['task']} | {r['run']} | {d['problems']} | {before} | {after} | {format_difference(d)} |")
     return "\n".join(lines)
 
 

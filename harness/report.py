@@ -14,7 +14,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 
-from harness.stats import paired_difference, significance
+from harness.stats import format_difference, outcomes, paired_difference
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,17 +55,11 @@ def changes(history: list[dict]) -> str:
         a, b = first["eval"][name], last["eval"][name]
         line = (f"{name}: {100 * a['accuracy']:.1f}% -> {100 * b['accuracy']:.1f}% "
                 f"({100 * (b['accuracy'] - a['accuracy']):+.1f} points; {b['n']} problems")
-        diff = paired_difference([(_outcomes(a), _outcomes(b))])
+        diff = paired_difference([(outcomes(a), outcomes(b))])
         if diff is not None:
-            line += (f"; paired on the same {diff['problems']}: {100 * diff['diff']:+.1f} "
-                     f"[{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}], {significance(diff)}")
+            line += f"; paired on the same {diff['problems']}: {format_difference(diff)}"
         lines.append(line + ")")
     return "\n".join(lines)
-
-
-def _outcomes(result: dict) -> dict[str, bool]:
-    """problem id -> correct, from an evaluation's records."""
-    return {str(r["id"]): bool(r["correct"]) for r in result.get("records") or [] if "id" in r}
 
 
 def flipped_examples(history: list[dict], limit: int = 2) -> str:

@@ -54,3 +54,14 @@ def significance(diff: Mapping[str, Any]) -> str:
     if diff["high"] < 0:
         return "significant loss"
     return "within the noise"
+
+
+def outcomes(result: Mapping[str, Any]) -> dict[str, bool]:
+    """problem id -> answered correctly, from one task's evaluation result (eval.json's records)."""
+    return {str(r["id"]): bool(r["correct"]) for r in result.get("records") or [] if "id" in r}
+
+
+def format_difference(diff: Mapping[str, Any]) -> str:
+    """A paired difference in points with its 95% interval and its `significance`: "+8.7 [+3.6, +13.7], significant gain"."""
+    return (f"{100 * diff['diff']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}], "
+            f"{significance(diff)}")
