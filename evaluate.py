@@ -2,7 +2,8 @@
 inference time (self-evaluation only, no gold answer in any prompt).
 
     python evaluate.py task=mawps_singleop eval.mode=greedy eval.limit=150
-    python evaluate.py task=gsm8k_test model=local model.path=/models/mistral-7b backend=vllm eval.mode=sampling eval.k=16
+    python evaluate.py task=gsm8k_test model=local model.path=/models/mistral-7b backend=vllm \\
+        eval.mode=sampling eval.k=16
 
 Writes <out_dir>/eval.json (accuracy, 95% Wilson interval, per-problem records, tokens and FLOPs)
 and prints a one-line summary.

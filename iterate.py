@@ -92,7 +92,8 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
             seed = search_seed(s.run.seed, k)
             if s.pairs.source == "sampling":  # the outcome-only baseline (mcts/sampling.py)
                 trees = sample_trees(todo, expander=policy, verifier=task, samples=s.pairs.samples,
-                                     batch_problems=s.search.batch_trees, seed=seed, length_exponent=s.search.length_exponent)
+                                     batch_problems=s.search.batch_trees, seed=seed,
+                                     length_exponent=s.search.length_exponent)
             else:
                 trees = run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
                                    seed=seed)
@@ -101,7 +102,8 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
                 out.flush()
                 bar.update(1)
     trees = read_trees(rd.trees)
-    compute = {key: sum(t.compute.get(key, 0) for t in trees) for key in ("prompt_tokens", "generated_tokens", "cached_tokens")}
+    compute = {key: sum(t.compute.get(key, 0) for t in trees)
+               for key in ("prompt_tokens", "generated_tokens", "cached_tokens")}
     solved = sum(t.solved() for t in trees)
     record = {"trees": len(trees), "solved": solved, "nodes": sum(len(t.nodes) for t in trees),
               "compute": phase_record(params, **compute)}
@@ -231,7 +233,8 @@ def run(cfg: DictConfig) -> dict:
         needed = s.run.rounds * s.run.problems_per_round
         if len(pool) < needed:
             raise ConfigError(f"task {task.name!r} has {len(pool)} problems; {s.run.rounds} rounds x "
-                              f"{s.run.problems_per_round} problems need {needed}: raise task.n or lower run.problems_per_round")
+                              f"{s.run.problems_per_round} problems need {needed}: "
+                              "raise task.n or lower run.problems_per_round")
         flat = fingerprint.flatten(as_dict(s))
         check_resume(s, run_dir, pool, flat)
         config_text = OmegaConf.to_yaml(cfg, resolve=True)
@@ -326,7 +329,8 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, 
             **{f"pairs/{key}": v for key, v in stats.items() if isinstance(v, (int, float))},
             "train/loss": train.get("final_loss"), "train/reward_margin": train.get("reward_margin"),
             **eval_metrics(results),
-            "compute/search_flops": compute["search"].get("flops", 0.0), "compute/train_flops": compute["train"]["flops"],
+            "compute/search_flops": compute["search"].get("flops", 0.0),
+            "compute/train_flops": compute["train"]["flops"],
             "compute/round_flops": round_flops, "compute/cumulative_flops": cumulative_flops,
             "compute/generated_tokens": compute["search"].get("generated_tokens", 0),
             **{f"time/{key}_s": v for key, v in times.items()},

@@ -1,4 +1,5 @@
-"""Greedy (or sampling) accuracy of one model on several tasks with one engine: the baseline table of docs/results/baseline.md.
+"""Greedy (or sampling) accuracy of one model on several tasks with one engine: the baseline table of
+docs/results/baseline.md.
 
     python experiments/baseline_table.py                       # the committed table (default model, vLLM)
     python experiments/baseline_table.py --limit 50 --tasks arith_test,mawps_singleop --tools none,python
@@ -16,7 +17,6 @@ the table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -79,7 +79,8 @@ def table_markdown(rows: list[dict]) -> str:
         first = next(iter(per_tool.values()))
         ran = [f"{100 * ran_share(r['tool']):.0f}% of {r['tool']['calls']}"
                for r in per_tool.values() if r.get("tool", {}).get("calls")]
-        levels = "; ".join(f"{t}: " + ", ".join(f"d{k} {100 * g['accuracy']:.0f}%" for k, g in r["by_difficulty"].items())
+        levels = "; ".join(f"{t}: " + ", ".join(f"d{k} {100 * g['accuracy']:.0f}%"
+                                                for k, g in r["by_difficulty"].items())
                            for t, r in per_tool.items() if r.get("by_difficulty"))
         cells = " | ".join(_cell(per_tool.get(t)) for t in tools)
         lines.append(f"| {label} | {first['mode']} | {first['n']} | {cells} | {', '.join(ran) or '-'} | {levels} |")

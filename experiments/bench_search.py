@@ -527,8 +527,8 @@ def row_text(r: Run) -> str:
             f"{r.peak_rss_mb:8.0f}  {note}")
 
 
-HEADER = (f"{'trees':>5s} {'sims':>4s} {'mode':10s} {'time s':>9s} {'eval s':>7s} {'s/tree':>7s} {'gen tok':>9s} {'tok/s':>7s} "
-          f"{'exp/s':>7s} {'eval/s':>7s} {'prompt tok':>10s} {'cache%':>6s} {'peak MB':>8s}")
+HEADER = (f"{'trees':>5s} {'sims':>4s} {'mode':10s} {'time s':>9s} {'eval s':>7s} {'s/tree':>7s} {'gen tok':>9s} "
+          f"{'tok/s':>7s} {'exp/s':>7s} {'eval/s':>7s} {'prompt tok':>10s} {'cache%':>6s} {'peak MB':>8s}")
 
 
 def table(runs: Sequence[Run], ratios: Sequence[Ratios]) -> str:
@@ -764,7 +764,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--base-simulations", type=int, help="simulations of the trees sweep (default: the middle one)")
     ap.add_argument("--full-grid", action="store_true", help="every (trees, simulations) pair, not the star")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of batched,sequential,raw")
-    ap.add_argument("--sequential-trees", type=int, help=f"trees sequential is measured on (default {SEQUENTIAL_TREES})")
+    ap.add_argument("--sequential-trees", type=int,
+                    help=f"trees sequential is measured on (default {SEQUENTIAL_TREES})")
     ap.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
                     help="search config override (mcts.search.SearchConfig) for every mode, e.g. leaves_per_tree=2")
     ap.add_argument("--generation-set", action="append", default=[], metavar="KEY=VALUE",

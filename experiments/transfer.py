@@ -41,7 +41,7 @@ from policy.models import count_parameters, load_tokenizer, resolve_model_path  
 from policy.prompts import PromptFormatter  # noqa: E402
 from tasks import TaskConfig, make_task  # noqa: E402
 
-DEFAULT_TASKS = ("svamp", "mawps_addsub", "mawps_multiarith", "mawps_singleeq")  # the wordings never trained or tuned on
+DEFAULT_TASKS = ("svamp", "mawps_addsub", "mawps_multiarith", "mawps_singleeq")  # wordings never trained or tuned on
 
 
 def run_settings(run_dir: Path) -> Settings:

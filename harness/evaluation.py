@@ -226,5 +226,6 @@ def summary_line(result: dict[str, Any]) -> str:
         line += f"; {tool['calls']} programs, {100 * ran_share(tool):.0f}% ran"
     if result.get("by_difficulty"):
         line += "; by difficulty " + ", ".join(
-            f"d{level} {100 * g['accuracy']:.0f}% ({g['correct']}/{g['n']})" for level, g in result["by_difficulty"].items())
+            f"d{level} {100 * g['accuracy']:.0f}% ({g['correct']}/{g['n']})"
+            for level, g in result["by_difficulty"].items())
     return line + f", {result['compute']['generated_tokens']} tokens generated"

@@ -53,7 +53,7 @@ IGNORED = (
     "train.logging_steps",      # how often the loss is logged (policy/dpo.py)
     "train.device",             # the hardware a run trains on (ours)
     "train.malloc_reuse",       # how the training process allocates memory, not what it computes (policy/dpo.py)
-    "train.shared_prompt",      # one pass over each pair's prompt: the same log-probs up to rounding (policy/shared_prompt.py)
+    "train.shared_prompt",      # one pass per pair's prompt: same log-probs up to rounding (policy/shared_prompt.py)
 )
 """Keys that decide nothing already done, so a re-run may change them: the one documented place
 (docs/resume.md). An entry matches the key itself and every key below it."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from harness.machine import machine_info
+
 log = logging.getLogger(__name__)
 
 
@@ -137,9 +139,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     _publish(tmp, path)
 
 
-def write_config(run_dir: Path, text: str, *, now: float | None = None) -> Path:
+def write_config(run_dir: Path, text: str, *, now: float | None = None, machine: dict | None = None) -> Path:
     """This invocation's resolved config: config.yaml (the latest) and a numbered copy in configs/
-    (the history, oldest first). Returns the history file."""
+    (the history, oldest first), with the machine it ran on beside it (`<entry>.machine.json`,
+    harness/machine.py; `machine` defaults to this one's). Returns the history file."""
     run_dir = Path(run_dir)
     history = run_dir / HISTORY
     history.mkdir(parents=True, exist_ok=True)
@@ -148,6 +151,7 @@ def write_config(run_dir: Path, text: str, *, now: float | None = None) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(now))
     entry = history / f"{n:04d}-{stamp}.yaml"
     write_text_atomic(entry, text)
+    write_json_atomic(entry.with_suffix(".machine.json"), machine if machine is not None else machine_info())
     write_text_atomic(run_dir / "config.yaml", text)
     return entry
 

@@ -62,6 +62,7 @@ def outcomes(result: Mapping[str, Any]) -> dict[str, bool]:
 
 
 def format_difference(diff: Mapping[str, Any]) -> str:
-    """A paired difference in points with its 95% interval and its `significance`: "+8.7 [+3.6, +13.7], significant gain"."""
+    """A paired difference in points with its 95% interval and its `significance`:
+    "+8.7 [+3.6, +13.7], significant gain"."""
     return (f"{100 * diff['diff']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}], "
             f"{significance(diff)}")

@@ -13,7 +13,8 @@ ends the solution, the round, the source, and the programs run by the branching 
 (`chosen_programs`, `rejected_programs`: tool-integrated steps, 0 without tools; a pair branches at a
 code step when either is positive). `pairs.jsonl` holds one per line.
 
-Options: only pairs branching at most `max_depth` steps deep (0 = at the root); every qualifying rejected sibling paired with the chosen child (`all_rejected`), not only
+Options: only pairs branching at most `max_depth` steps deep (0 = at the root); every qualifying
+rejected sibling paired with the chosen child (`all_rejected`), not only
 the lowest; at most `max_pairs_per_tree` pairs per tree (largest gaps first); only trees that reached a
 correct answer (`correct_only`); only "verified" pairs, whose chosen step leads (somewhere in the
 tree) to an answer validated correct and whose rejected step leads only to answers validated wrong;

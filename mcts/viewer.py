@@ -52,7 +52,8 @@ details{margin-left:1.2em} summary{cursor:pointer;margin:2px 0}
 .stats{color:#555;font-size:12px;margin-left:.5em}
 .ok{color:#080;font-weight:bold} .bad{color:#c00;font-weight:bold}
 .leaf{margin-left:1.2em;list-style:none}
-.code,.out{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:2px 0 2px 1.2em;padding:2px 6px;font-size:12px}
+.code,.out{font-family:ui-monospace,monospace;white-space:pre-wrap;margin:2px 0 2px 1.2em;
+  padding:2px 6px;font-size:12px}
 .code{background:#f4f4f4;border-left:3px solid #999} .out{background:#eef4ff;border-left:3px solid #36c}
 .out.failed{background:#fff0f0;border-left-color:#c00}
 .prose{white-space:pre-wrap;font-family:ui-monospace,monospace;margin:2px 0 2px 1.2em;font-size:12px}
@@ -67,16 +68,19 @@ function colour(q) { return 'hsl(' + Math.round((q + 1) / 2 * 120) + ',70%,85%)'
 function fmt(x, d) { return x === null ? '-' : Number(x).toFixed(d); }
 function line(n) {
   const s = el('span');
-  if (n[K.outcome] !== null) s.appendChild(el('span', n[K.outcome] > 0 ? 'ok' : 'bad', n[K.outcome] > 0 ? '\\u2713 ' : '\\u2717 '));
+  if (n[K.outcome] !== null) s.appendChild(el('span', n[K.outcome] > 0 ? 'ok' : 'bad',
+    n[K.outcome] > 0 ? '\\u2713 ' : '\\u2717 '));
   const segs = n[K.segments] || [];
-  const text = n[K.depth] === 0 ? '(question)' : (segs.length ? (segs[0][0] === 'text' ? segs[0][1] : '(program)') : n[K.text]);
+  const text = n[K.depth] === 0 ? '(question)' :
+    (segs.length ? (segs[0][0] === 'text' ? segs[0][1] : '(program)') : n[K.text]);
   const t = el('span', 'step', text); t.style.background = colour(n[K.q]); s.appendChild(t);
   let st = 'Q=' + fmt(n[K.q], 2) + ' N=' + n[K.visits] + ' s=' + fmt(n[K.self_eval], 2) + ' p=' + fmt(n[K.prior], 2);
   if (n[K.outcome] !== null) st += ' o=' + (n[K.outcome] > 0 ? '+1' : '-1');
   if (n[K.terminal]) st += ' answer=' + (n[K.answer] === null ? '-' : n[K.answer]);
   s.appendChild(el('span', 'stats', st));
   segs.forEach((g, i) => { if (i === 0 && g[0] === 'text') return;
-    s.appendChild(el('div', g[0] === 'code' ? 'code' : (g[0] === 'output' ? (g[2] ? 'out' : 'out failed') : 'prose'), g[1])); });
+    s.appendChild(el('div', g[0] === 'code' ? 'code' : (g[0] === 'output' ? (g[2] ? 'out' : 'out failed') : 'prose'),
+      g[1])); });
   return s;
 }
 function build(nodes, kids, id) {

@@ -36,10 +36,10 @@ fused LM head gives them log-prob 0) nor in the NLL ("sft") term; they stay in t
 and in the processed token count. The same collator runs TRL's reference precompute (it is passed to
 the constructor) and the training batches.
 
-Training runs in a fresh process (`train_dpo_subprocess`, see docs/notes.md "Training on the CPU": DPO in a process where a
-vLLM engine ran was 50x slower). The checkpoint is written into a temporary folder next to `out_dir`
-and renamed into place only when complete (with `train_result.json` inside), so `out_dir` either
-does not exist or holds a whole checkpoint.
+Training runs in a fresh process (`train_dpo_subprocess`, see docs/notes.md "Training on the CPU": DPO
+in a process where a vLLM engine ran was 50x slower). The checkpoint is written into a temporary
+folder next to `out_dir` and renamed into place only when complete (with `train_result.json` inside),
+so `out_dir` either does not exist or holds a whole checkpoint.
 """
 
 from __future__ import annotations

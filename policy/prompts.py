@@ -59,7 +59,8 @@ class PromptFormatter:
         if problem.id not in self._head_cache:
             messages = []
             for example in self.task.few_shot:
-                messages.append({"role": "user", "content": self.task.user_message(Problem("shot", example.question, ""))})
+                messages.append({"role": "user",
+                                 "content": self.task.user_message(Problem("shot", example.question, ""))})
                 messages.append({"role": "assistant", "content": example.solution})
             messages.append({"role": "user", "content": self.task.user_message(problem)})
             if len(self._head_cache) > 100_000:  # bound memory on very long runs

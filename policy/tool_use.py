@@ -113,7 +113,8 @@ class ToolExecutor:
             self.stats.seconds += time.perf_counter() - start
         out: list[ToolCall] = [no_program() for _ in codes]
         for i, r in zip(real, results):
-            out[i] = ToolCall(code=codes[i], output=sanitize_output(r.output), ok=r.ok, seconds=r.seconds, error=r.error)
+            out[i] = ToolCall(code=codes[i], output=sanitize_output(r.output), ok=r.ok, seconds=r.seconds,
+                              error=r.error)
             self.stats.calls += 1
             self.stats.failed += not r.ok
             self.stats.programs_seconds += r.seconds
@@ -149,7 +150,8 @@ def _continue(drafts: list[_Draft], prompts: Sequence[str], backend: Backend, ex
         # One call for every continuation of this round (lockstep batching); its length limit is the
         # largest budget left, so a draft may end up to (that - its own) tokens past the budget.
         max_tokens = max(1, max(budget - d.num_tokens for d in pending))
-        seeds = None if any(d.seed is None for d in pending) else tuple(derive_seed(d.seed, len(d.calls)) for d in pending)
+        seeds = (None if any(d.seed is None for d in pending)
+                 else tuple(derive_seed(d.seed, len(d.calls)) for d in pending))
         outs = backend.sample([prompts[d.prompt] + d.text for d in pending],
                               replace(settings, n=1, max_tokens=max_tokens, seeds=seeds))
         for d, completion in zip(pending, outs):
@@ -163,7 +165,8 @@ def _continue(drafts: list[_Draft], prompts: Sequence[str], backend: Backend, ex
 
 
 def sample_solutions(backend: Backend, prompts: Sequence[str], settings: SamplingSettings,
-                     executor: ToolExecutor | None, *, prior_calls: Sequence[int] | None = None) -> list[ToolCompletion]:
+                     executor: ToolExecutor | None, *,
+                     prior_calls: Sequence[int] | None = None) -> list[ToolCompletion]:
     """`settings.n` whole continuations per prompt; with an executor, programs run as they are written
     (see the module docstring). `prior_calls[i]`: programs already in prompt i's partial solution."""
     if executor is None:
@@ -221,5 +224,6 @@ def _sample(d: _Draft) -> ToolSample:
 
 
 def _plain(c: Completion) -> ToolCompletion:
-    return ToolCompletion(samples=tuple(ToolSample(s.text, s.num_tokens, s.logprob, s.finish_reason) for s in c.samples),
+    return ToolCompletion(samples=tuple(ToolSample(s.text, s.num_tokens, s.logprob, s.finish_reason)
+                                        for s in c.samples),
                           prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens)

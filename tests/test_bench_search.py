@@ -119,7 +119,8 @@ def test_report_ratios_and_json(hf_result, tmp_path):
     for q in result["ratios"]:
         b, s = by(runs, bench.BATCHED, q["trees"]), by(runs, bench.SEQUENTIAL, q["trees"])
         assert q["speedup"] == pytest.approx(s.seconds / b.seconds)
-        assert q["speedup_per_token"] == pytest.approx((b.generated_tokens / b.seconds) / (s.generated_tokens / s.seconds))
+        assert q["speedup_per_token"] == pytest.approx((b.generated_tokens / b.seconds)
+                                                       / (s.generated_tokens / s.seconds))
         raw = by(runs, bench.RAW, q["trees"])
         assert q["overhead"] == pytest.approx(b.seconds * raw.generated_tokens / (raw.seconds * b.generated_tokens))
         assert all(math.isfinite(q[k]) and q[k] > 0 for k in ("speedup", "speedup_per_token", "overhead"))

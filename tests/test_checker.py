@@ -200,7 +200,8 @@ def test_a_worker_that_cannot_start_is_an_error_naming_itself(monkeypatch, tmp_p
     monkeypatch.setattr(checker, "_POOL", checker._WorkerPool(1))
     checker._verify.cache_clear()
     with caplog.at_level("WARNING", logger="tasks.checker"):
-        with pytest.raises(checker.VerifierError, match=f"math-verify worker .*broken_worker.py.* did not start: {why}"):
+        with pytest.raises(checker.VerifierError,
+                           match=f"math-verify worker .*broken_worker.py.* did not start: {why}"):
             answers_equal("z+1", "1+z")
     assert any("z+1" in r.getMessage() and "1+z" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     with pytest.raises(checker.VerifierError, match="did not start"):  # every later call, not a silent False

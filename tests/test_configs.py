@@ -160,7 +160,8 @@ def test_run_seed_reaches_the_engine():
 def test_source_compare96_arms(arm):
     s = job_settings("iterate", ["experiment=source_compare96", f"source_arm={arm}", "run.seed=2"])
     assert s.run.name == f"source_compare96/{arm}-seed2" and s.run.dir == f"runs/source_compare96/{arm}-seed2"
-    assert (s.run.rounds, s.run.problems_per_round, s.pairs.max_pairs_per_tree, s.train.conservative) == (1, 96, 2, False)
+    assert (s.run.rounds, s.run.problems_per_round, s.pairs.max_pairs_per_tree,
+            s.train.conservative) == (1, 96, 2, False)
     assert s.pairs.source == ("sampling" if arm.startswith("sampling") else "mcts")
     assert s.train.loss_type == (("sigmoid", "sft") if arm.endswith("_sft") else ("sigmoid",))
     solver = arm.startswith("mcts_solver")
@@ -170,7 +171,7 @@ def test_source_compare96_arms(arm):
     assert s.pairs.match_steps == (arm == "mcts_solver_matchsteps")
     import yaml
     swept = yaml.safe_load((CONF / "experiment" / "source_compare96.yaml").read_text())["hydra"]["sweeper"]["params"]
-    assert arm in swept["source_arm"].split(",") or arm.endswith("_sft")  # the _sft arms: run on their own (docs/experiments.md)
+    assert arm in swept["source_arm"].split(",") or arm.endswith("_sft")  # _sft arms: run alone (docs/experiments.md)
 
 
 def test_default_loss_is_dpo_plus_nll_and_measured_presets_keep_plain_dpo():
@@ -179,4 +180,5 @@ def test_default_loss_is_dpo_plus_nll_and_measured_presets_keep_plain_dpo():
     assert settings("iterate", []).train.loss_type == ("sigmoid", "sft")
     for experiment in ("source_compare", "search_compute", "train_vs_infer"):
         assert settings("iterate", [f"experiment={experiment}"]).train.loss_type == ("sigmoid",), experiment
-    assert settings("iterate", ["experiment=source_compare", "train.loss_type=[sigmoid,sft]"]).train.loss_type == ("sigmoid", "sft")
+    assert settings("iterate", ["experiment=source_compare",
+                                "train.loss_type=[sigmoid,sft]"]).train.loss_type == ("sigmoid", "sft")

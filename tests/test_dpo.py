@@ -30,7 +30,8 @@ from tools.format import CODE_OPEN, FENCE, OUTPUT_OPEN, output_block, output_spa
 
 # Fast settings for the tiny model: a learning rate large enough that one step visibly moves weights.
 TINY = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, max_length=128,
-                   loss_type=("sigmoid",), autocast=False)  # float32 for the hand formulas; plain DPO: the hand formulas below are DPO's (the default adds an NLL term)
+                   loss_type=("sigmoid",),  # plain DPO: the hand formulas below are DPO's (default adds an NLL term)
+                   autocast=False)  # float32 for the hand formulas
 
 
 @pytest.fixture(scope="module")

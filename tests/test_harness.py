@@ -146,7 +146,8 @@ def test_the_summary_gives_the_paired_difference_and_says_whether_it_is_signific
 
     before = [False] * 60 + [True] * 40
     gained = [True] * 100
-    text = changes([{"round": "initial", "eval": {"t": evaluation(before)}}, {"round": 0, "eval": {"t": evaluation(gained)}}])
+    text = changes([{"round": "initial", "eval": {"t": evaluation(before)}},
+                    {"round": 0, "eval": {"t": evaluation(gained)}}])
     assert "paired on the same 100: +60.0 [" in text and "significant gain" in text
     same = changes([{"round": "initial", "eval": {"t": evaluation(before)}},
                     {"round": 0, "eval": {"t": evaluation(before[1:] + before[:1])}}])

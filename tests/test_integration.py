@@ -105,7 +105,8 @@ def test_mcts_evaluation_never_shows_the_gold_answer(setup):
                         solution=f"The answer is {gold}.") for i in range(2)]
     spy = Recording(backend)
     result = evaluate_problems(task, problems, backend=spy, formatter=formatter, gen=GEN,
-                               cfg=EvalConfig(mode="mcts", limit=None), search=replace(SEARCH, eval_with_reference=True),
+                               cfg=EvalConfig(mode="mcts", limit=None),
+                               search=replace(SEARCH, eval_with_reference=True),
                                params=1000)
     assert result["n"] == 2 and spy.prompts
     assert not any(gold in p for p in spy.prompts)

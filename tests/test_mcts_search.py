@@ -118,8 +118,8 @@ configs = st.builds(
     simulations=st.integers(0, 20), batch_trees=st.integers(1, 4), breadth_root=st.integers(1, 4),
     breadth=st.integers(1, 3), max_depth=st.integers(1, 5), fpu=st.sampled_from([-0.5, 0.0, 0.5]),
     self_eval=st.booleans(), use_outcome=st.booleans(), backup=st.sampled_from(["mean", "max"]),
-    revisit_validated=st.booleans(), stepwise=st.booleans(), commit_every=st.integers(1, 4), leaves_per_tree=st.integers(1, 3),
-    c_puct=st.sampled_from([0.0, 1.0, 2.5]),
+    revisit_validated=st.booleans(), stepwise=st.booleans(), commit_every=st.integers(1, 4),
+    leaves_per_tree=st.integers(1, 3), c_puct=st.sampled_from([0.0, 1.0, 2.5]),
 )
 problem_lists = st.lists(st.lists(st.integers(1, 9), min_size=2, max_size=4), min_size=1, max_size=4)
 
@@ -314,7 +314,8 @@ def test_config_validation_and_yaml_defaults():
 
 
 def regression_trees() -> list[dict]:
-    cfg = SearchConfig(simulations=10, breadth_root=3, breadth=2, max_depth=4, revisit_validated=True)  # the reference rule, as stored
+    cfg = SearchConfig(simulations=10, breadth_root=3, breadth=2, max_depth=4,
+                       revisit_validated=True)  # the reference rule, as stored
     problems = [sum_problem([2, 3, 4]), sum_problem([7, 1, 5, 2], pid="hard")]
     return [t.to_json() for t in search(problems, cfg, seed=1234)]
 

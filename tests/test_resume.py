@@ -189,7 +189,8 @@ def test_on_change_rerun_redoes_the_search_and_what_follows(calls, tmp_path):
     assert len(trees) == 2 and all(t.meta["config"]["simulations"] == 8 for t in trees)
     stored = json.loads((run_dir / "round_0" / "fingerprints.json").read_text())
     assert stored["search"]["search.simulations"] == 8
-    assert (run_dir / "initial" / "eval.json").stat().st_mtime_ns == initial, "the initial eval does not depend on search"
+    assert (run_dir / "initial" / "eval.json").stat().st_mtime_ns == initial, \
+        "the initial eval does not depend on search"
     assert metric_rounds(run_dir) == [0, 1], "the redone round is logged once, the old line dropped"
     iterate.run(compose(run_dir, "search.simulations=8"))  # now it matches: nothing to do
     assert calls.searches == 2
@@ -205,7 +206,8 @@ def test_allowed_changes_go_on(calls, tmp_path):
     assert calls.searches == 2 and calls.trains == 2
     assert calls.evals.count("extra") == 3  # initial, round 0 (added) and round 1
     assert calls.evals.count("arith_test") == 3  # initial and round 0 once, round 1
-    assert sorted(json.loads((run_dir / "round_0" / "eval.json").read_text())) == ["arith_test", "extra", "mawps_singleop"]
+    assert (sorted(json.loads((run_dir / "round_0" / "eval.json").read_text()))
+            == ["arith_test", "extra", "mawps_singleop"])
     rounds = metric_rounds(run_dir)
     assert rounds == [0, 1, 0, 1, 2], rounds  # steps 0 and 1 again only for the new task's keys
     extra = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][2:4]
@@ -344,7 +346,8 @@ def test_rerun_plan_cascades_downstream(tmp_path):
     assert tmp_path / "round_1" / "trees.jsonl" not in plan.remove and tmp_path / "round_0" not in plan.remove
     assert plan.eval_tasks == ((tmp_path / "round_0", ("t",)),)
     assert [s for s in range(5) if plan.forgets(s)] == [1, 2, 3, 4]
-    assert fingerprint.message(tmp_path, [ev, train]).startswith(f"{tmp_path / 'round_1'} was trained with train.beta=0.1, now 0.2 (and 1 more")
+    assert fingerprint.message(tmp_path, [ev, train]).startswith(
+        f"{tmp_path / 'round_1'} was trained with train.beta=0.1, now 0.2 (and 1 more")
 
 
 def test_a_leftover_training_job_of_the_run_is_stopped(tmp_path):

@@ -180,7 +180,8 @@ def test_generator_is_the_same_in_another_process():
     import subprocess
     import sys
 
-    code = "from tasks.arith import generate; import json; print(json.dumps([p.question for p in generate(20, split='test', seed=7)]))"
+    code = ("from tasks.arith import generate; import json; "
+            "print(json.dumps([p.question for p in generate(20, split='test', seed=7)]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert json.loads(out.stdout) == [p.question for p in generate(20, split="test", seed=7)]

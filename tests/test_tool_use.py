@@ -88,7 +88,7 @@ def test_whole_solution_runs_its_program_and_continues_after_the_output():
     assert sample.text == ("Tom buys 5 more, so we add.\n```python\nprint(12 + 5)\n```\n```output\n17\n```"
                            "\nThe answer is 17.")
     assert [c.output for c in sample.tool_calls] == ["17"] and sample.tool_calls[0].ok
-    assert sample.num_tokens == 12 + 5 and sample.logprob == pytest.approx(-1.7)  # the output's tokens are not the policy's
+    assert sample.num_tokens == 12 + 5 and sample.logprob == pytest.approx(-1.7)  # output tokens are not the policy's
     [(start, end)] = output_spans(sample.text)
     assert sample.text[start:end] == "\n17\n```"
     assert policy_text(sample.text).count("17") == 1  # the answer line's; the output block's is the environment's
@@ -245,7 +245,8 @@ def test_baseline_table_has_a_column_per_tool():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("baseline_table", Path(__file__).parent.parent / "experiments" / "baseline_table.py")
+    spec = importlib.util.spec_from_file_location("baseline_table",
+                                                  Path(__file__).parent.parent / "experiments" / "baseline_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = [dict(label="mawps_singleop", tool_name="none", mode="greedy", n=100, accuracy=0.17, ci95=[0.1, 0.26]),
@@ -277,8 +278,10 @@ def test_the_default_model_writes_programs_that_run(default_model_dir):
         calls = [c for r in result["records"] for c in r.get("tool_calls", [])]
         assert calls and any(c["ok"] for c in calls), [r["output"] for r in result["records"]]
         ran = next(r for r in result["records"] if r.get("tool_calls"))
-        assert [ran["output"][a:b] for a, b in output_spans(ran["output"])][0].strip("\n`") == ran["tool_calls"][0]["output"]
-        policy = StepPolicy(backend, formatter, GenerationConfig(step_max_tokens=32), eval_with_reference=False, tool=TOOL)
+        assert ([ran["output"][a:b] for a, b in output_spans(ran["output"])][0].strip("\n`")
+                == ran["tool_calls"][0]["output"])
+        policy = StepPolicy(backend, formatter, GenerationConfig(step_max_tokens=32), eval_with_reference=False,
+                            tool=TOOL)
         expansions = policy.expand([ExpandRequest(p, ("Let's write a program.",), n=2, seed=i)
                                     for i, p in enumerate(task.problems())])
         steps = [s for e in expansions for s in e.samples]
@@ -349,7 +352,8 @@ def test_sampling_and_mcts_evaluation_run_programs(mode):
     from tasks import TaskConfig, make_task
 
     task = make_task(TaskConfig(name="t", kind="arith", n=1), TOOL)
-    result = evaluate_problems(task, [PROBLEM], backend=ScriptedBackend(), formatter=Formatter(), gen=GenerationConfig(),
+    result = evaluate_problems(task, [PROBLEM], backend=ScriptedBackend(),
+                               formatter=Formatter(), gen=GenerationConfig(),
                                cfg=EvalConfig(mode=mode, k=3), search=SearchConfig(simulations=3, max_depth=4),
                                params=1, tool=TOOL)
     assert result["accuracy"] == 1.0 and result["tool"]["calls"] >= 1 and result["tool"]["failed"] == 0

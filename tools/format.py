@@ -25,7 +25,8 @@ OUTPUT_OPEN = "```output"  # the policy's last words before the environment spea
 FENCE_STAND_IN = "'''"  # a fence inside program output would end the block early; it is written as this
 
 _OUTPUT = re.compile(re.escape(OUTPUT_OPEN) + r"(\n.*?\n" + re.escape(FENCE) + ")", re.DOTALL)
-_CODE = re.compile(re.escape(CODE_OPEN) + r"[ \t]*\n(.*?)(?:^[ \t]*" + re.escape(FENCE) + r"|\Z)", re.DOTALL | re.MULTILINE)
+_CODE = re.compile(re.escape(CODE_OPEN) + r"[ \t]*\n(.*?)(?:^[ \t]*" + re.escape(FENCE) + r"|\Z)",
+                   re.DOTALL | re.MULTILINE)
 
 
 def opens_code(step: str) -> bool:

@@ -276,7 +276,8 @@ class HFBackend:
         processors = [recorder]
         if settings.temperature > 0.0:
             processors.append(SeededSampling(self._generators(seeds), settings.temperature, settings.top_p))
-        criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, settings.stop, prompt_len)] if settings.stop else [])
+        criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, settings.stop, prompt_len)]
+                                        if settings.stop else [])
         sequences = self.model.generate(
             **enc,
             generation_config=self._generation_config(settings),
