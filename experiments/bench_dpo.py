@@ -34,6 +34,7 @@ ROOT_DIR = Path(__file__).resolve().parent.parent
 if str(ROOT_DIR) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT_DIR))
 
+from harness.machine import machine_info  # noqa: E402
 from policy.dpo import MALLOC_ENV, TrainConfig, build_trainer, encode_pairs  # noqa: E402
 from policy.models import ModelConfig, load_tokenizer, resolve_model_path  # noqa: E402
 
@@ -165,6 +166,7 @@ def main() -> None:
           f"{summary['first_step_loss_abs_diff']:.2e}, max over steps {summary['max_loss_abs_diff']:.2e}")
     if args.out:
         record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+                  "machine": machine_info(),
                   "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                   "load_average": os.getloadavg(), "pairs_file": str(pairs_file), "pairs": len(pairs), "model": model,
                   "steps": args.steps, "warmup": args.warmup, "config": asdict(base), **results, **summary}

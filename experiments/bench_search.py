@@ -56,6 +56,7 @@ if str(ROOT_DIR) not in sys.path:  # run as a script from anywhere
 
 import yaml  # noqa: E402
 
+from harness.machine import machine_info  # noqa: E402
 from mcts.search import SearchConfig, SearchStats, run_search  # noqa: E402
 from mcts.types import EvalRequest, Evaluation, Expansion, ExpandRequest, Problem  # noqa: E402
 from policy.backends import Backend, BackendConfig, SamplingSettings, make_backend  # noqa: E402
@@ -632,7 +633,7 @@ def setup_meta(setup: Setup, points: Sequence[Point]) -> dict:
     return dict(model=setup.model_path, backend=asdict(setup.backend), search=asdict(setup.search),
                 prompt=asdict(setup.prompt), generation=asdict(setup.generation), seed=setup.seed,
                 points=[asdict(p) for p in points], commit=git_commit(), python=platform.python_version(),
-                machine=platform.machine(), cpus=os.cpu_count(), load_end=os.getloadavg(),
+                machine=platform.machine(), cpus=os.cpu_count(), load_end=os.getloadavg(), host=machine_info(),
                 env={k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "OMP_"))},
                 time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 
+from harness.machine import describe, machine_info
 from harness.stats import format_difference, outcomes, paired_difference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,7 +161,8 @@ def write_report(run_dir: Path, history: list[dict], *, command: str | None = No
     `command`: the command that produced the run (default: this process's, `command_line`)."""
     table = summary_table(history)
     delta = changes(history)
-    text = f"# Run {Path(run_dir).name}\n\n{provenance(command)}\n\n{table}\n"
+    text = (f"# Run {Path(run_dir).name}\n\n{provenance(command)}\n\nMachine: {describe(machine_info())} "
+            f"(greedy bf16 results are comparable only on the same kind: docs/resume.md)\n\n{table}\n")
     if delta:
         text += f"\nWhat changed (first -> last evaluation):\n{delta}\n"
     flips = flipped_examples(history)

@@ -27,20 +27,27 @@ from mcts.sampling import outcome_pairs
 from mcts.tree import ROOT as ROOT_ID
 from mcts.tree import Tree, dumps_tree
 from mcts.types import Problem
+from types import SimpleNamespace
+
+import harness.stats as harness_stats
 
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-def _load_analyze():
-    spec = importlib.util.spec_from_file_location("analyze", ROOT / "experiments" / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["analyze"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+def _analysis_namespace() -> SimpleNamespace:
+    """Every public name of the analysis package's modules in one namespace (`an.<name>`)."""
+    import analysis
+    from analysis import answers, groups, load, pairs, plots, stats, summary, tables
+
+    names = {}
+    for module in (harness_stats, answers, groups, load, pairs, plots, stats, summary, tables):
+        names.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
+    names["analyze"] = analysis.analyze
+    return SimpleNamespace(**names)
 
 
-an = _load_analyze()
+an = _analysis_namespace()
 
 
 # --- the presets ---------------------------------------------------------------------------------------
@@ -435,9 +442,11 @@ def test_accuracy_at_the_first_answer_line():
     entry["records"] = records
     point = an.eval_point("arith_test", entry, Path("eval.json"))
     assert point.first_correct == 2 and point.first_accuracy == 0.5
-    assert an.answer_format_of({"eval_tasks.m.kind": "math"}, "eval_tasks.m") == "latex"
-    assert an.answer_format_of({"eval_tasks.m.kind": "math", "eval_tasks.m.answer_format": "number"}, "eval_tasks.m") == "number"
-    assert an.answer_format_of({}, "eval_tasks.m") == "number"
+    m = {"eval_tasks.m.name": "m", "eval_tasks.m.path": "m.jsonl"}
+    assert an.eval_task({**m, "eval_tasks.m.kind": "math"}, "eval_tasks.m").answer_format == "latex"
+    assert an.eval_task({**m, "eval_tasks.m.kind": "math", "eval_tasks.m.answer_format": "number"},
+                        "eval_tasks.m").answer_format == "number"
+    assert an.eval_task(m, "eval_tasks.m").answer_format == "number"
 
 
 def test_pair_shape():
