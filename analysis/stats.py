@@ -1,13 +1,12 @@
-"""Means over repeats (seeds) with a 95% band. The t quantiles and the paired differences on the same
+"""Means over repeats (seeds) with a 95% band. The t-interval and the paired differences on the same
 problems are the project's own (harness/stats.py, shared with the run summary)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from harness.stats import t_quantile
+from harness.stats import t_interval
 
 
 @dataclass(frozen=True)
@@ -31,13 +30,10 @@ def mean_band(values: Sequence[float]) -> Band | None:
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return None
-    n = len(vals)
-    mean = sum(vals) / n
-    if n < 2:
+    mean, half = t_interval(vals)
+    if len(vals) < 2:
         return Band(mean, mean, mean, 1, "none")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = t_quantile(n - 1) * sd / math.sqrt(n)
-    return Band(mean, mean - half, mean + half, n, "t")
+    return Band(mean, mean - half, mean + half, len(vals), "t")
 
 
 def accuracy_band(points: Sequence) -> Band | None:

@@ -17,6 +17,16 @@ def t_quantile(df: int) -> float:
     return T975[df - 1] if 1 <= df <= len(T975) else Z975
 
 
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of `values` and the half-width of its 95% Student t-interval (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t_quantile(n - 1) * sd / math.sqrt(n)
+
+
 def paired_difference(seeds: Sequence[tuple[Mapping[str, bool], Mapping[str, bool]]]) -> dict[str, Any] | None:
     """Accuracy difference other - base from per-seed (base outcomes, other outcomes) on the problems
     both answered: each problem's difference is averaged over the seeds that have it, then the mean
@@ -40,9 +50,7 @@ def paired_difference(seeds: Sequence[tuple[Mapping[str, bool], Mapping[str, boo
         return None
     values = [sum(ds) / len(ds) for ds in by_problem.values()]
     n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = t_quantile(n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
+    mean, half = t_interval(values)
     return {"problems": n, "diff": mean, "low": mean - half, "high": mean + half, "per_seed": tuple(per_seed),
             "other_only": other_only, "base_only": base_only}
 
