@@ -31,6 +31,7 @@ demo: setup
 	$(PY) iterate.py $(ARGS)
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 test-fast: setup

@@ -22,6 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from harness.console import quiet_console
 from harness.errors import exit_on_user_error
 from harness.evaluation import evaluate_problems, slice_problems, summary_line
 from harness.rundir import write_json_atomic
@@ -58,6 +59,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     with exit_on_user_error():
         run(cfg)
 

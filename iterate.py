@@ -26,6 +26,7 @@ from tqdm import tqdm
 from harness import fingerprint
 from harness.compute import phase_record
 from harness.config import ConfigError, as_dict
+from harness.console import quiet_console
 from harness.errors import exit_on_user_error
 from harness.evaluation import evaluate_problems, slice_problems, summary_line
 from harness.report import write_report
@@ -345,6 +346,7 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, 
 
 @hydra.main(version_base=None, config_path="conf", config_name="iterate")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with exit_on_user_error():
         run(cfg)

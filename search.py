@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from harness.console import quiet_console
 from harness.errors import exit_on_user_error
 from harness.evaluation import slice_problems
 from harness.rundir import truncate_partial_line
@@ -69,6 +70,7 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path="conf", config_name="search_run")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     with exit_on_user_error():
         run(cfg)
 

@@ -17,10 +17,12 @@ if TYPE_CHECKING:
 SEED_KEYS = ("run.seed", "backend.seed")
 """Config keys that make runs repeats of each other (the backends ignore per-request seeds, so a
 seed sweep sets backend.seed along with run.seed)."""
-IGNORED_KEYS = ("run.name", "run.dir", "out_dir", "run.search_from")  # search_from: where round 0 came from, not a setting
+# search_from: where round 0 came from, not a setting
+IGNORED_KEYS = ("run.name", "run.dir", "out_dir", "run.search_from")
 IGNORED_PREFIXES = ("hydra.", "tracking.")
 SAMPLING_KEYS = ("eval.k", "eval.temperature", "eval.top_p")
-SAMPLING_PAIRS_KEYS = ("pairs.source", "pairs.samples", "pairs.max_pairs_per_tree")  # what acts with pairs.source=sampling
+# what acts with pairs.source=sampling
+SAMPLING_PAIRS_KEYS = ("pairs.source", "pairs.samples", "pairs.max_pairs_per_tree")
 LABELS = ("config", "names")
 """--labels: the config keys that differ between groups, or the runs' names (`name_labels`)."""
 
@@ -91,14 +93,18 @@ def _key_value(config: Mapping[str, Any], key: str, whole: Mapping[str, Any]) ->
     return canonical(None) if prefix and any(k.startswith(prefix) for k in whole) else None
 
 
-def differing_keys(configs: Sequence[Mapping[str, Any]], wholes: Sequence[Mapping[str, Any]] | None = None) -> list[str]:
+def differing_keys(
+    configs: Sequence[Mapping[str, Any]], wholes: Sequence[Mapping[str, Any]] | None = None
+) -> list[str]:
     """Keys that take more than one value among the `configs` that have them (a key missing from a
     config that has its group counts as null; `wholes`: the configs with their idle
     keys, which count as missing values), sorted; if those do not tell the configs apart, keys whose
     presence differs too."""
     wholes = configs if wholes is None else wholes
     keys = sorted({k for c in configs for k in c})
-    varied = [k for k in keys if len({v for c, w in zip(configs, wholes) if (v := _key_value(c, k, w)) is not None}) > 1]
+    varied = [
+        k for k in keys if len({v for c, w in zip(configs, wholes) if (v := _key_value(c, k, w)) is not None}) > 1
+    ]
     if len({canonical({k: c.get(k) for k in varied}) for c in configs}) == len(configs):
         return varied
     return [k for k in keys if len({canonical(c.get(k, "<unset>")) for c in configs}) > 1]

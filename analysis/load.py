@@ -271,18 +271,29 @@ def read_round(run_dir: Path, k: int, *, quality: bool = True, config: Mapping[s
         if config.get("pairs.source", "mcts") == "mcts":
             ranked = q_ranked_pairs(trees, config)
             q_ranked, q_ranking = pair_quality(trees, ranked, good), ranking_check(trees, ranked, good)
-    return Point(position=k + 1, evals=evals, search_flops=phase_flops(compute, "search", rd.compute),
-                 train_flops=phase_flops(compute, "train", rd.compute),
-                 total_flops=float(compute["total_flops"]), trees=int(search.get("trees", 0)),
-                 search_generated_tokens=int((search.get("compute") or {}).get("generated_tokens", 0)),
-                 pairs=None if pairs is None else len(pairs), pairs_digest=None if pairs is None else pairs_digest(pairs),
-                 quality=q, q_ranked=q_ranked, q_ranking=q_ranking, train=train,
-                 shape=None if pairs is None else pair_shape(pairs, str(config.get("prompt.step_separator", "\n"))))
+    return Point(
+        position=k + 1,
+        evals=evals,
+        search_flops=phase_flops(compute, "search", rd.compute),
+        train_flops=phase_flops(compute, "train", rd.compute),
+        total_flops=float(compute["total_flops"]),
+        trees=int(search.get("trees", 0)),
+        search_generated_tokens=int((search.get("compute") or {}).get("generated_tokens", 0)),
+        pairs=None if pairs is None else len(pairs),
+        pairs_digest=None if pairs is None else pairs_digest(pairs),
+        quality=q,
+        q_ranked=q_ranked,
+        q_ranking=q_ranking,
+        train=train,
+        shape=None if pairs is None else pair_shape(pairs, str(config.get("prompt.step_separator", "\n"))),
+    )
 
 
 def missing_round_files(run_dir: Path, rounds: int, needs_eval: bool) -> list[Path]:
     rounds_dirs = [round_dir(run_dir, k) for k in range(rounds)]
-    return [p for rd in rounds_dirs for p in ((rd.compute, rd.eval) if needs_eval else (rd.compute,)) if not p.is_file()]
+    return [
+        p for rd in rounds_dirs for p in ((rd.compute, rd.eval) if needs_eval else (rd.compute,)) if not p.is_file()
+    ]
 
 
 def load_iterate_run(run_dir: Path, *, quality: bool = True) -> Run | None:

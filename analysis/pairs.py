@@ -140,7 +140,9 @@ def pair_side(tree: Tree, pair: Mapping[str, Any], side: str) -> Node | None:
     return match_child(tree, parent, pair[side], pair.get(f"{side}_q"), pair.get(f"{side}_visits"))
 
 
-def _tree_index(trees: Iterable[Tree], good: dict[str, set[int]] | None) -> tuple[dict[str, Tree], Callable[[Tree], set[int]]]:
+def _tree_index(
+    trees: Iterable[Tree], good: dict[str, set[int]] | None
+) -> tuple[dict[str, Tree], Callable[[Tree], set[int]]]:
     """Trees by problem id, and a lookup of each tree's correct_nodes computed once (kept in `good`, which
     a caller passes to share it between checks of the same trees)."""
     cache = {} if good is None else good

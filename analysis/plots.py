@@ -56,7 +56,9 @@ def _save(fig, plt, path: Path, *, legend: bool = False) -> Path:
         if labels:
             ncol = 1 if max(map(len, labels)) > 60 else 2
             width, height = fig.get_size_inches()  # room for the legend rows below the panels
-            fig.set_size_inches(width, height + 0.16 * math.ceil(len(labels) / ncol) * (1 + max(map(len, labels)) // 150))
+            fig.set_size_inches(
+                width, height + 0.16 * math.ceil(len(labels) / ncol) * (1 + max(map(len, labels)) // 150)
+            )
             fig.legend([handles[x] for x in labels], [textwrap.fill(x, 150) for x in labels],
                        loc="outside lower center", fontsize=7, ncol=ncol)
     fig.savefig(path, dpi=120)
@@ -104,7 +106,9 @@ SEARCH_METRICS = (("pairs_per_tree", "pairs per tree (the run's)", 1.0, None),
 (a baseline). A panel whose values are all equal (e.g. 100% by construction) is left out."""
 
 
-def search_series(groups: Sequence[Group], summary: Mapping[str, Any]) -> dict[str, list[tuple[float, Mapping[str, Any]]]]:
+def search_series(
+    groups: Sequence[Group], summary: Mapping[str, Any]
+) -> dict[str, list[tuple[float, Mapping[str, Any]]]]:
     """Round 0 of each iterate group that searches, keyed by the values of its other differing keys:
     [(search.simulations, summarized point)]. Groups that do not search (the sampling pair source)
     are left out."""
@@ -210,7 +214,10 @@ def plot_loss_summary(summary: Mapping[str, Any], path: Path) -> Path | None:
     groups = [g for g in summary["groups"] if g["kind"] == "iterate" and len(g["points"]) > 1]
     if not groups:
         return None
-    metrics = [("train_reward_margin", "reward margin (final)", 1.0), ("train_reward_accuracy", "reward accuracy (final)", 1.0)]
+    metrics = [
+        ("train_reward_margin", "reward margin (final)", 1.0),
+        ("train_reward_accuracy", "reward accuracy (final)", 1.0),
+    ]
     metrics += [(f"accuracy:{t}", f"{t} accuracy (%)", 100.0) for t in summary["tasks"]]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 3, 0.45 * len(groups) + 1.5),

@@ -22,7 +22,9 @@ class Band:
     def fmt(self, scale: float = 1.0, spec: str = ".1f") -> str:
         if self.method == "none":
             return format(self.mean * scale, spec)
-        return f"{format(self.mean * scale, spec)} [{format(self.low * scale, spec)}, {format(self.high * scale, spec)}]"
+        return (
+            f"{format(self.mean * scale, spec)} [{format(self.low * scale, spec)}, {format(self.high * scale, spec)}]"
+        )
 
 
 def mean_band(values: Sequence[float]) -> Band | None:

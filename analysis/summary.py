@@ -123,15 +123,26 @@ def summarize(groups: Sequence[Group]) -> dict[str, Any]:
     tasks = eval_tasks(groups)
     out = []
     for g in groups:
-        entry = {"label": g.label, "config_label": g.config_label, "kind": g.kind, "diff": dict(g.diff), "seeds": g.seeds,
-                 "runs": [str(r.path) for r in g.runs]}
+        entry = {
+            "label": g.label,
+            "config_label": g.config_label,
+            "kind": g.kind,
+            "diff": dict(g.diff),
+            "seeds": g.seeds,
+            "runs": [str(r.path) for r in g.runs],
+        }
         if g.kind == "iterate":
             positions = sorted({p.position for r in g.runs for p in r.points})
             entry["points"] = [summarize_position(g, pos, tasks) for pos in positions]
         else:
             entry["evaluation"] = summarize_evaluate(g)
         out.append(entry)
-    return {"tasks": tasks, "groups": out, "checks": checks(groups), "paired": [asdict(d) for d in paired_diffs(groups, tasks)]}
+    return {
+        "tasks": tasks,
+        "groups": out,
+        "checks": checks(groups),
+        "paired": [asdict(d) for d in paired_diffs(groups, tasks)],
+    }
 
 
 def paired_diffs(groups: Sequence[Group], tasks: Sequence[str]) -> list[PairedDiff]:

@@ -37,19 +37,39 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
         rows = []
         for g in iterate:
             for p in g["points"]:
-                rows.append([g["label"], ",".join(map(str, g["seeds"])), p["label"],
-                             _cell(p["cumulative_flops"], 1.0, ".3g"),
-                             *[_cell(p["accuracy"].get(t), 100.0) for t in tasks],
-                             _cell(p["pairs"], 1.0, ".1f"), _cell(p["pairs_per_tree"], 1.0, ".2f"),
-                             _cell(p["chosen_on_correct_path"], 100.0), _cell(p["rejected_off_correct_path"], 100.0),
-                             _cell(p["search_tokens_per_problem"], 1.0, ".0f"), _cell(p["train_final_loss"], 1.0, ".3f"),
-                             _cell(p["train_reward_margin"], 1.0, ".3f")])
+                rows.append(
+                    [
+                        g["label"],
+                        ",".join(map(str, g["seeds"])),
+                        p["label"],
+                        _cell(p["cumulative_flops"], 1.0, ".3g"),
+                        *[_cell(p["accuracy"].get(t), 100.0) for t in tasks],
+                        _cell(p["pairs"], 1.0, ".1f"),
+                        _cell(p["pairs_per_tree"], 1.0, ".2f"),
+                        _cell(p["chosen_on_correct_path"], 100.0),
+                        _cell(p["rejected_off_correct_path"], 100.0),
+                        _cell(p["search_tokens_per_problem"], 1.0, ".0f"),
+                        _cell(p["train_final_loss"], 1.0, ".3f"),
+                        _cell(p["train_reward_margin"], 1.0, ".3f"),
+                    ]
+                )
         parts += ["## Rounds", "", _table(head, rows), ""]
-        q_rows = [[g["label"], ",".join(map(str, g["seeds"])), p["label"], _cell(p["q_ranked_pairs_per_tree"], 1.0, ".2f"),
-                   _cell(p["q_ranked_chosen_good"], 100.0), _cell(p["q_ranked_rejected_good"], 100.0),
-                   _cell(p["q_ranked_informed"], 100.0), _cell(p["q_ranked_informed_chosen_good"], 100.0),
-                   _cell(p["q_ranked_informed_random"], 100.0)]
-                  for g in iterate for p in g["points"] if p.get("q_ranked_pairs_per_tree")]
+        q_rows = [
+            [
+                g["label"],
+                ",".join(map(str, g["seeds"])),
+                p["label"],
+                _cell(p["q_ranked_pairs_per_tree"], 1.0, ".2f"),
+                _cell(p["q_ranked_chosen_good"], 100.0),
+                _cell(p["q_ranked_rejected_good"], 100.0),
+                _cell(p["q_ranked_informed"], 100.0),
+                _cell(p["q_ranked_informed_chosen_good"], 100.0),
+                _cell(p["q_ranked_informed_random"], 100.0),
+            ]
+            for g in iterate
+            for p in g["points"]
+            if p.get("q_ranked_pairs_per_tree")
+        ]
         if q_rows:
             parts += ["## Q-ranked pairs from the same trees", "",
                       "The pairs MCTS-DPO's extraction (highest- against lowest-Q child, one step, the run's margin) "
@@ -82,17 +102,38 @@ def markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
     evaluate = [g for g in summary["groups"] if g["kind"] == "evaluate"]
     if evaluate:
         head = ["group", "seeds", "task", "mode", "k", "simulations", "accuracy", "train FLOPs", "inference FLOPs"]
-        rows = [[g["label"], ",".join(map(str, g["seeds"])), e["task"], e["mode"], str(e["k"] or "-"),
-                 str(e["simulations"] or "-"), _cell(e["accuracy"], 100.0),
-                 _cell(e["train_flops"], 1.0, ".3g") if e["train_flops"] else ("0" if e["train_flops"] is not None else "unknown"),
-                 _cell(e["inference_flops"], 1.0, ".3g")]
-                for g in evaluate for e in [g["evaluation"]]]
+        rows = [
+            [
+                g["label"],
+                ",".join(map(str, g["seeds"])),
+                e["task"],
+                e["mode"],
+                str(e["k"] or "-"),
+                str(e["simulations"] or "-"),
+                _cell(e["accuracy"], 100.0),
+                _cell(e["train_flops"], 1.0, ".3g")
+                if e["train_flops"]
+                else ("0" if e["train_flops"] is not None else "unknown"),
+                _cell(e["inference_flops"], 1.0, ".3g"),
+            ]
+            for g in evaluate
+            for e in [g["evaluation"]]
+        ]
         parts += ["## Inference-time runs (evaluate.py)", "", _table(head, rows), ""]
     if summary.get("paired"):
-        rows = [[f"{d['other']} − {d['base']}", d["point"], d["task"], ",".join(map(str, d["seeds"])), str(d["problems"]),
-                 f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
-                 ", ".join(f"{100 * x:+.0f}" for x in d["per_seed"]), f"{d['other_only']} / {d['base_only']}"]
-                for d in summary["paired"]]
+        rows = [
+            [
+                f"{d['other']} − {d['base']}",
+                d["point"],
+                d["task"],
+                ",".join(map(str, d["seeds"])),
+                str(d["problems"]),
+                f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]",
+                ", ".join(f"{100 * x:+.0f}" for x in d["per_seed"]),
+                f"{d['other_only']} / {d['base_only']}",
+            ]
+            for d in summary["paired"]
+        ]
         parts += ["## Paired differences", "",
                   "Accuracy of one group minus another's on the same evaluation problems, for the seeds both ran "
                   "(points; each problem's difference averaged over the seeds, 95% interval over problems). "

@@ -71,10 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories, globs, or folders holding runs")
-    parser.add_argument("--out", required=True, type=Path, help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX_*.png")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX_*.png"
+    )
     parser.add_argument("--kind", default="auto", choices=KINDS, help="which plot (auto: every one that applies)")
-    parser.add_argument("--labels", default="config", choices=LABELS,
-                        help="group labels: the config keys that differ (config) or the runs' names without the seed (names)")
+    parser.add_argument(
+        "--labels",
+        default="config",
+        choices=LABELS,
+        help="group labels: the config keys that differ (config) or the runs' names without the seed (names)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

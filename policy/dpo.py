@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from harness.console import FILE_ONLY
 from policy.models import check_device, resolve_device
 from tools.format import output_spans
 
@@ -623,12 +624,20 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
 
 
 def _quiet_progress(trainer) -> None:
-    """The training bar shows the step's loss instead of printing every logged dict on a line of its
-    own (transformers' ProgressCallback); the logs still reach `state.log_history` (TrainResult)."""
+    """The training bar (named "train") shows the step's loss instead of printing every logged dict on
+    a line of its own (transformers' ProgressCallback); each dict goes to the log file, and the logs
+    still reach `state.log_history` (TrainResult)."""
     from transformers.trainer_callback import ProgressCallback
 
     class QuietProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description("train")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                log.info("step %d: %s", state.global_step, logs, extra=FILE_ONLY)
             if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
@@ -696,7 +705,7 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
                     "they carry no preference signal", symmetric, len(encoded.rows), MAX_SMOOTHING)
     log.info("DPO: %d pairs, %d tokens per epoch (%d of them the environment's, masked), mean smoothing %.3f, "
              "policy %s, reference %s", len(encoded.rows), encoded.tokens_per_epoch, encoded.env_tokens,
-             encoded.mean_smoothing, policy_path, ref_path)
+             encoded.mean_smoothing, policy_path, ref_path, extra=FILE_ONLY)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
@@ -798,7 +807,7 @@ def train_dpo_subprocess(pairs: Sequence[dict[str, Any]], *, policy_path: str, r
                 f.write(json.dumps(pair, ensure_ascii=False) + "\n")
         write_json(job_path, {"pairs": str(pairs_path), "policy_path": str(policy_path), "ref_path": str(ref_path),
                               "out_dir": str(out), "result": str(result_path), "cfg": asdict(cfg)})
-        log.info("DPO on %d pairs in a fresh process -> %s", len(pairs), out)
+        log.info("DPO on %d pairs in a fresh process -> %s", len(pairs), out, extra=FILE_ONLY)
         code, tail = _run_streaming([sys.executable, "-m", "policy.train_main", str(job_path)],
                                     _child_env(cfg.malloc_reuse))
         if code != 0:

@@ -6,7 +6,6 @@ folder, result file, config) and reads the result back; see `policy.dpo.run_job`
 
 from __future__ import annotations
 
-import logging
 import sys
 
 
@@ -15,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m policy.train_main <job.json>", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from harness.console import quiet_console
+
+    quiet_console()  # the terminal as the parent's; every record appended to the parent's log file
     from policy.dpo import run_job
 
     run_job(args[0])

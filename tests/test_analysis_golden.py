@@ -90,7 +90,9 @@ def answer_runs(base: Path) -> list[str]:
             (path / "config.yaml").write_text(json.dumps(config))
             for k, eval_path in enumerate([path / "initial" / "eval.json", path / "round_0" / "eval.json"]):
                 shift = seed + k
-                results = {"arith_test": with_outputs(eval_entry("arith_test", 2 + k), NUMBER_OUTPUTS, NUMBER_GOLD, shift)}
+                results = {
+                    "arith_test": with_outputs(eval_entry("arith_test", 2 + k), NUMBER_OUTPUTS, NUMBER_GOLD, shift)
+                }
                 if "mc" in tasks:
                     results["mc"] = with_outputs(eval_entry("mc", 1 + seed), LETTER_OUTPUTS, LETTER_GOLD, shift)
                 eval_path.write_text(json.dumps(results))

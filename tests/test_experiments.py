@@ -4,7 +4,6 @@ hand-computed cases; the whole analysis on fabricated run directories and (slow)
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import logging
@@ -21,7 +20,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import ROOT, job_settings
 from harness.seeds import engine_config
-from harness.settings import load_settings
 from mcts.pairs import PairsConfig, extract_pairs, read_pairs
 from mcts.sampling import outcome_pairs
 from mcts.tree import ROOT as ROOT_ID
@@ -72,8 +70,9 @@ def composed(overrides: list[str]):
 def test_preset_header_names_its_command(experiment):
     lines = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()
     assert lines[0] == "# @package _global_"
-    assert any(line.startswith("#") and f"experiment={experiment}" in line and "python" in line for line in lines[1:12]), \
-        f"{experiment}.yaml: its command is not in the comment at the top"
+    assert any(
+        line.startswith("#") and f"experiment={experiment}" in line and "python" in line for line in lines[1:12]
+    ), f"{experiment}.yaml: its command is not in the comment at the top"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -143,7 +142,9 @@ def test_correct_nodes():
 
 def test_pair_quality_on_known_pairs():
     tree = quality_tree()
-    extracted = extract_pairs(tree, config=PairsConfig(margin=0.0, verified=False, full=False), format_prompt=lambda p, s: "Q", separator="\n")
+    extracted = extract_pairs(
+        tree, config=PairsConfig(margin=0.0, verified=False, full=False), format_prompt=lambda p, s: "Q", separator="\n"
+    )
     # root: chosen A (q 1/3) vs rejected B (q -1); A: A1 vs A2; C and D have one child each.
     assert [(p["node_id"], p["chosen"], p["rejected"]) for p in extracted] == [
         (1, "The answer is 5.", "The answer is 6."), (0, "x = 2 + 3\n", "x = 2 * 3")]
@@ -235,7 +236,9 @@ def test_grouping_drops_seeds_names_and_paths():
     assert an.differing_keys([{"s.a": 1, "s.new": False}, {"s.a": 1}]) == ["s.new"]
     assert an.differing_keys([{"s.a": 1, "s.new": False}, {"t.b": 1}]) == ["s.a", "s.new", "t.b"]  # fallback: presence
     # idle keys (present in the whole config, dropped from the group config) are not null
-    assert an.differing_keys([{"s.a": 1, "p.x": 1}, {"p.x": 2}], [{"s.a": 1, "p.x": 1}, {"s.a": 9, "p.x": 2}]) == ["p.x"]
+    assert an.differing_keys([{"s.a": 1, "p.x": 1}, {"p.x": 2}], [{"s.a": 1, "p.x": 1}, {"s.a": 9, "p.x": 2}]) == [
+        "p.x"
+    ]
 
 
 def test_idle_keys_of_the_sampling_source():
@@ -286,34 +289,68 @@ def eval_entry(task: str, correct: int, n: int = 10, flops: float = 10.0, mode: 
     """An eval.json entry; its records: the first `correct` of problems q0..q<n-1> answered right."""
     p = correct / n
     records = [{"id": f"q{i}", "correct": i < correct} for i in range(n)]
-    return {"task": task, "mode": mode, "n": n, "correct": correct, "accuracy": p, "ci95": [max(0, p - 0.2), min(1, p + 0.2)],
-            "compute": {"flops": flops, "generated_tokens": 100 * n + 10 * correct}, "records": records, **extra}
+    return {
+        "task": task,
+        "mode": mode,
+        "n": n,
+        "correct": correct,
+        "accuracy": p,
+        "ci95": [max(0, p - 0.2), min(1, p + 0.2)],
+        "compute": {"flops": flops, "generated_tokens": 100 * n + 10 * correct},
+        "records": records,
+        **extra,
+    }
 
 
 def fake_run(path: Path, *, seed: int, rounds: int = 2, written: int | None = None, correct=(2, 4, 6),
              loss_type=("sigmoid",), simulations: int = 4, source: str = "mcts") -> Path:
     """An iterate run directory as iterate.py writes it (the files the analysis reads)."""
-    config = {"run": {"name": path.name, "dir": str(path), "rounds": rounds, "seed": seed},
-              "backend": {"seed": seed}, "train": {"loss_type": list(loss_type)}, "search": {"simulations": simulations},
-              "eval_tasks": {"arith_test": {"name": "arith_test"}}, "pairs": {"source": source}}
+    config = {
+        "run": {"name": path.name, "dir": str(path), "rounds": rounds, "seed": seed},
+        "backend": {"seed": seed},
+        "train": {"loss_type": list(loss_type)},
+        "search": {"simulations": simulations},
+        "eval_tasks": {"arith_test": {"name": "arith_test"}},
+        "pairs": {"source": source},
+    }
     (path).mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
     (path / "metrics.jsonl").write_text("")
     write_json(path / "initial" / "eval.json", {"arith_test": eval_entry("arith_test", correct[0])})
     tree = quality_tree()
-    pairs = extract_pairs(tree, config=PairsConfig(margin=0.0, verified=False, full=False), format_prompt=lambda p, s: "Q", separator="\n")
+    pairs = extract_pairs(
+        tree, config=PairsConfig(margin=0.0, verified=False, full=False), format_prompt=lambda p, s: "Q", separator="\n"
+    )
     for k in range(rounds if written is None else written):
         rd = path / f"round_{k}"
         write_json(rd / "eval.json", {"arith_test": eval_entry("arith_test", correct[k + 1])})
-        write_json(rd / "compute.json", {"search": {"flops": PARAMS_FLOPS["search"]}, "train": {"flops": PARAMS_FLOPS["train"]},
-                                         "eval": {"arith_test": {"flops": PARAMS_FLOPS["eval"]}},
-                                         "total_flops": sum(PARAMS_FLOPS.values())})
+        write_json(
+            rd / "compute.json",
+            {
+                "search": {"flops": PARAMS_FLOPS["search"]},
+                "train": {"flops": PARAMS_FLOPS["train"]},
+                "eval": {"arith_test": {"flops": PARAMS_FLOPS["eval"]}},
+                "total_flops": sum(PARAMS_FLOPS.values()),
+            },
+        )
         write_json(rd / "search.json", {"trees": 1, "solved": 1, "nodes": 9, "compute": {"generated_tokens": 300}})
-        write_json(rd / "train.json", {"final_loss": 0.6 - 0.1 * k - 0.01 * seed, "reward_margin": 0.1, "reward_accuracy": 0.5,
-                                       "steps": 2, "pairs": 2, "tokens": 40, "loss_history": [0.69, 0.6],
-                                       "margin_history": [0.0, 0.1 + 0.05 * seed], "accuracy_history": [0.5, 0.75],
-                                       "chosen_history": [0.0, 0.05], "rejected_history": [0.0, -0.05 - 0.05 * seed],
-                                       "mean_smoothing": 0.0})
+        write_json(
+            rd / "train.json",
+            {
+                "final_loss": 0.6 - 0.1 * k - 0.01 * seed,
+                "reward_margin": 0.1,
+                "reward_accuracy": 0.5,
+                "steps": 2,
+                "pairs": 2,
+                "tokens": 40,
+                "loss_history": [0.69, 0.6],
+                "margin_history": [0.0, 0.1 + 0.05 * seed],
+                "accuracy_history": [0.5, 0.75],
+                "chosen_history": [0.0, 0.05],
+                "rejected_history": [0.0, -0.05 - 0.05 * seed],
+                "mean_smoothing": 0.0,
+            },
+        )
         (rd / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
         (rd / "trees.jsonl").write_text(dumps_tree(tree) + "\n")
         (rd / "policy").mkdir()
@@ -353,7 +390,12 @@ def test_analysis_on_fabricated_runs(tmp_path, caplog):
         summary = an.analyze([str(runs / "*"), str(evals)], out)
     assert any("broken" in r.message and "round_1" in r.message for r in caplog.records)
     groups = {g["label"]: g for g in summary["groups"]}
-    assert set(groups) == {"train.loss_type=sigmoid", "train.loss_type=ipo", "model.path=base", "model.path=dpo-s0/round_1"}
+    assert set(groups) == {
+        "train.loss_type=sigmoid",
+        "train.loss_type=ipo",
+        "model.path=base",
+        "model.path=dpo-s0/round_1",
+    }
     dpo = groups["train.loss_type=sigmoid"]
     assert dpo["seeds"] == [0, 1] and len(dpo["runs"]) == 2
     r0 = dpo["points"][1]["accuracy"]["arith_test"]  # 0.4 and 0.6 -> mean 0.5, t-band
@@ -400,9 +442,19 @@ def test_groups_labelled_by_run_names(tmp_path):
     assert "## Groups" not in an.markdown(an.analyze([str(runs)], tmp_path / "cfg"), [])  # config labels: no legend
 
     def group(*names):
-        return an.Group("iterate", {}, tuple(an.Run(Path(n), "iterate", {"run.name": n}) for n in names), {"k": len(names)})
-    named = an.name_labels([group("exp/a-seed0", "exp/a-seed1"), group("exp/b_seed2"), group("exp/c-seed0", "exp/d-seed1"),
-                            group("exp/e"), group("exp/e-seed1")])
+        return an.Group(
+            "iterate", {}, tuple(an.Run(Path(n), "iterate", {"run.name": n}) for n in names), {"k": len(names)}
+        )
+
+    named = an.name_labels(
+        [
+            group("exp/a-seed0", "exp/a-seed1"),
+            group("exp/b_seed2"),
+            group("exp/c-seed0", "exp/d-seed1"),
+            group("exp/e"),
+            group("exp/e-seed1"),
+        ]
+    )
     # the shared folder goes; runs whose names disagree, and two groups named alike, keep the config label
     assert [g.label for g in named] == ["a", "b", "k=2", "k=1", "k=1"]
     with pytest.raises(an.AnalysisError, match="--labels"):
@@ -415,9 +467,14 @@ def test_run_on_answers():
     assert an.runs_on("The answer is 2.\nThe answer is 3.")
     assert an.runs_on("the   answer is 2.\nSo 2 + 2 = 4.")  # matched as the extractor matches it
     assert not an.runs_on("I think it is 2.\nMaybe 3.")  # no answer line: nothing to run on after
-    assert not an.runs_on("Final: 4.\nThen more.", prefix="The answer is") and an.runs_on("Final: 4.\nThen more.", prefix="Final:")
-    records = [{"id": "a", "correct": True, "output": "The answer is 2."},
-               {"id": "b", "correct": False, "output": "The answer is 2.\nThe answer is 5."}, {"id": "c", "correct": False}]
+    assert not an.runs_on("Final: 4.\nThen more.", prefix="The answer is") and an.runs_on(
+        "Final: 4.\nThen more.", prefix="Final:"
+    )
+    records = [
+        {"id": "a", "correct": True, "output": "The answer is 2."},
+        {"id": "b", "correct": False, "output": "The answer is 2.\nThe answer is 5."},
+        {"id": "c", "correct": False},
+    ]
     assert an.count_run_on(records, "The answer is") == 1
     assert an.count_run_on([{"id": "a", "correct": True}], "The answer is") is None  # no outputs stored
     entry = eval_entry("arith_test", 1, n=2)
@@ -541,7 +598,9 @@ def test_analysis_of_two_seeds_is_one_group(smoke_runs, tmp_path):
     assert set(after["accuracy"]) == {"arith_test", "mawps_singleop"}
     assert all(b["n"] == 2 and b["method"] == "t" for b in after["accuracy"].values())
     assert after["cumulative_flops"]["mean"] > 0 and after["pairs"]["mean"] > 0
-    assert Path(f"{out}_rounds.png").stat().st_size > 0 and Path(f"{out}.md").is_file() and Path(f"{out}.json").is_file()
+    assert (
+        Path(f"{out}_rounds.png").stat().st_size > 0 and Path(f"{out}.md").is_file() and Path(f"{out}.json").is_file()
+    )
 
 
 @pytest.mark.slow
@@ -556,5 +615,9 @@ def test_analysis_of_a_loss_variant_and_the_seeds_reaching_the_search(smoke_runs
     # Another backend.seed gives other trees (b); c copied a's round-0 search and pairs (run.search_from)
     # instead of searching with b's seed.
     assert digests["a"] == digests["c"] and digests["a"] != digests["b"]
-    assert (smoke_runs / "c" / "round_0" / "trees.jsonl").read_bytes() == (smoke_runs / "a" / "round_0" / "trees.jsonl").read_bytes()
-    assert an.load_iterate_run(smoke_runs / "c").points[0].evals == an.load_iterate_run(smoke_runs / "a").points[0].evals
+    assert (smoke_runs / "c" / "round_0" / "trees.jsonl").read_bytes() == (
+        smoke_runs / "a" / "round_0" / "trees.jsonl"
+    ).read_bytes()
+    assert (
+        an.load_iterate_run(smoke_runs / "c").points[0].evals == an.load_iterate_run(smoke_runs / "a").points[0].evals
+    )

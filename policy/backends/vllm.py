@@ -65,7 +65,9 @@ def import_vllm() -> Any:
         # deprecation in its own code: neither is the user's to act on.
         logging.getLogger("vllm").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
-        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # the engine's own processes
+        if "FutureWarning" not in os.environ.get("PYTHONWARNINGS", ""):  # the engine's own processes
+            os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
+                                                                  "ignore::FutureWarning"]))
     try:
         import vllm
     except ImportError as e:
@@ -173,6 +175,7 @@ class VLLMBackend:
             gpu_memory_utilization=c.gpu_memory_utilization, enforce_eager=c.enforce_eager,
             enable_prefix_caching=c.enable_prefix_caching, tensor_parallel_size=c.tensor_parallel_size,
             max_logprobs=max(c.choice_top_logprobs, 1), logprobs_mode=LOGPROBS_MODE,
+            use_tqdm_on_load=False,  # no weight-loading bar: the console shows one bar per phase (harness/console.py)
         )
         if c.block_size is not None:
             args["block_size"] = c.block_size
