@@ -36,25 +36,29 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: never a half-written file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """The project's one atomic writer: `text` to a temporary file in the same folder, then a rename,
+    so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    _publish(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        _publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, atomically (write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    _publish(tmp, path)
+    """One JSON object a line, atomically (write_text_atomic)."""
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def truncate_partial_line(path: Path) -> bool:
@@ -130,13 +134,6 @@ FINGERPRINTS = "fingerprints.json"  # harness/fingerprint.py reads and writes it
 HISTORY = "configs"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    _publish(tmp, path)
 
 
 def write_config(run_dir: Path, text: str, *, now: float | None = None, machine: dict | None = None) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.rundir import truncate_partial_line, write_jsonl_atomic
+from mcts.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,9 @@ def logged_keys(path: Path) -> dict[int, set[str]]:
     out: dict[int, set[str]] = {}
     if not Path(path).is_file():
         return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line) if line.strip() else {}
-            if "round" in row:
-                out.setdefault(row["round"], set()).update(k for k in row if k not in ("time", "round"))
+    for row in read_jsonl(path, partial_last=True):
+        if "round" in row:
+            out.setdefault(row["round"], set()).update(k for k in row if k not in ("time", "round"))
     return out
 
 
@@ -67,7 +66,7 @@ def forget_steps(path: Path, forget: Callable[[int], bool]) -> int:
     path = Path(path)
     if not truncate_partial_line(path):
         return 0
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     kept = [r for r in rows if "round" not in r or not forget(r["round"])]
     if len(kept) != len(rows):
         write_jsonl_atomic(path, kept)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from mcts.jsonl import iter_jsonl
 from mcts.sampling import SOURCE as SAMPLING_SOURCE
 from mcts.sampling import outcome_pairs
 from mcts.tree import Node, Tree
@@ -289,20 +290,10 @@ def write_pairs(path: str | Path, pairs: Iterable[dict[str, Any]]) -> None:
 
 def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     """Read a pairs file; a malformed line or a missing key raises ValueError naming file and line."""
-    path = Path(path)
     pairs = []
-    with path.open(encoding="utf-8") as src:
-        for lineno, line in enumerate(src, 1):
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg})") from None
-            if not isinstance(pair, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            missing = [k for k in REQUIRED_KEYS if k not in pair]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
-            pairs.append(pair)
+    for lineno, pair in iter_jsonl(path):
+        missing = [k for k in REQUIRED_KEYS if k not in pair]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
+        pairs.append(pair)
     return pairs

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from mcts.jsonl import iter_jsonl
 from mcts.types import Problem
 
 log = logging.getLogger(__name__)
@@ -184,19 +185,12 @@ def iter_trees(path: str | Path) -> Iterator[Tree]:
 
     A last line that does not parse (half-written by a crash) is dropped with a warning; a bad line
     anywhere else raises ValueError naming the file and the line number."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                tree = Tree.from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                if not line.endswith("\n"):  # only the last line can lack its newline
-                    log.warning("%s:%d: dropping a half-written last line (%s)", path, number, exc)
-                    return
-                raise ValueError(f"{path}:{number}: malformed tree line: {exc}") from exc
-            yield tree
+    for number, row in iter_jsonl(path, partial_last=True):
+        try:
+            tree = Tree.from_json(row)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: malformed tree line: {exc}") from exc
+        yield tree
 
 
 def read_trees(path: str | Path) -> list[Tree]:

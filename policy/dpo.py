@@ -60,6 +60,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from harness.console import FILE_ONLY
+from harness.rundir import write_json_atomic as write_json
+from mcts.jsonl import read_jsonl
 from policy.models import check_device, resolve_device
 from tools.format import output_spans
 
@@ -737,20 +739,10 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
 # --- the fresh process -----------------------------------------------------------------------------
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """JSON through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run_job(job_path: str) -> TrainResult:
     """The child's side of `train_dpo_subprocess`: read the job, train, write the result."""
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    with open(job["pairs"], encoding="utf-8") as f:
-        pairs = [json.loads(line) for line in f if line.strip()]
+    pairs = read_jsonl(job["pairs"])
     result = train_dpo(pairs, policy_path=job["policy_path"], ref_path=job["ref_path"], out_dir=job["out_dir"],
                        cfg=config_from_dict(job["cfg"]))
     write_json(Path(job["result"]), asdict(result))

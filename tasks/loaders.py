@@ -9,12 +9,12 @@ has one, are one step per line and end with "<answer_prefix> <answer>." like the
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from mcts.jsonl import iter_jsonl
 from mcts.types import Problem
 from tasks.base import DataError
 from tasks.checker import choice_letter, normalize_number
@@ -32,18 +32,9 @@ def _rows(path: str | Path) -> Iterator[tuple[int, Row]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     count = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            count += 1
-            yield lineno, row
+    for lineno, row in iter_jsonl(path, error=DataError):
+        count += 1
+        yield lineno, row
     if count == 0:
         raise DataError(f"{path}: no problems (empty file)")
 

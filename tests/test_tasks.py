@@ -113,7 +113,7 @@ def test_broken_files_name_file_and_line(kind, tmp_path):
     assert [p.id for p in _load(kind, ok)] == [f"{kind}-1", f"{kind}-3"]
 
     bad_json = _write(tmp_path / "bad.jsonl", [good, good, '{"question": "q?",'])
-    with pytest.raises(DataError, match=re.escape(f"{bad_json}:3: not valid JSON")):
+    with pytest.raises(DataError, match=re.escape(f"{bad_json}:3: not a JSON line")):
         _load(kind, bad_json)
 
     missing = _write(tmp_path / "missing.jsonl",
@@ -331,3 +331,21 @@ def test_bad_task_configs():
     with pytest.raises(ConfigError, match="split"):
         build(TaskConfig, {"split": "valid"}, "task")
     assert build(TaskConfig, {"difficulties": [1, 3]}, "task").difficulties == (1, 3)
+
+
+def test_one_jsonl_reader_names_file_and_line(tmp_path):
+    """mcts/jsonl.py: the reader every format goes through; a half-written last line is dropped only
+    when the caller allows it (trees, metrics), never in the middle of a file."""
+    from mcts.jsonl import read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3', encoding="utf-8")
+    assert read_jsonl(path, partial_last=True) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(DataError, match=re.escape(f"{path}:4: not a JSON line")):
+        read_jsonl(path, error=DataError)
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON line")):
+        read_jsonl(path, partial_last=True)
+    path.write_text('[1, 2]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: expected a JSON object, got list")):
+        read_jsonl(path)
