@@ -9,6 +9,8 @@ load. Any other local Hugging Face folder (or a hub id, where there is network) 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -90,6 +92,23 @@ def _find_gguf(package: str, filename: str, pip_spec: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """Without transformers' "Converting and de-quantizing GGUF tensors" bar (plain tqdm, which its
+    progress-bar switch does not reach): the log line above says what happens (harness/console.py)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def prepare_embedded(name: str, *, root: Path | None = None) -> Path:
     """Convert the embedded GGUF model `name` into a Hugging Face folder once; return its path.
 
@@ -111,8 +130,9 @@ def prepare_embedded(name: str, *, root: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with _no_gguf_bar():
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain one.
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
