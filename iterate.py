@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -246,99 +247,141 @@ def run(cfg: DictConfig) -> dict:
         return _rounds(s, run_dir, tracker, engine, task, pool, config_text, flat)
 
 
+@dataclass(frozen=True)
+class RoundContext:
+    """What every round of a run shares: settings, resources and the fixed inputs of the phases."""
+    s: Settings
+    run_dir: Path
+    engine: Engine
+    task: Any
+    pool: list
+    config_text: str
+    flat: dict
+    formatter: PromptFormatter
+    formatter_for: Callable[[Any], PromptFormatter]
+    eval_tasks: dict
+    params: int
+    initial_path: str
+
+
+def _eval_tasks(s: Settings) -> dict:
+    """name -> (task, the problems evaluated on), fixed for the whole run."""
+    out = {}
+    for name, tcfg in s.eval_tasks.items():
+        etask = make_task(tcfg, s.tool)
+        out[name] = (etask, slice_problems(etask.problems(), s.eval.limit, s.eval.seed))
+    return out
+
+
+def round_compute(search: dict, train: dict, results: dict, params: int) -> dict:
+    """A round's compute.json: each phase's FLOPs and tokens, and the round's total."""
+    compute = {
+        "search": search.get("compute", {}),
+        "train": phase_record(params, train_tokens=int(train.get("tokens", 0))),
+        "eval": {name: r["compute"] for name, r in results.items()},
+    }
+    compute["total_flops"] = compute["search"].get("flops", 0.0) + compute["train"]["flops"] + sum(
+        c["flops"] for c in compute["eval"].values())
+    return compute
+
+
+def round_metrics(search: dict, stats: dict, train: dict, results: dict, compute: dict, cumulative_flops: float,
+                  times: dict) -> dict:
+    """The round's line in metrics.jsonl and wandb."""
+    return {
+        "search/trees": search.get("trees", 0), "search/solved": search.get("solved", 0),
+        "search/nodes": search.get("nodes", 0),
+        **{f"pairs/{key}": v for key, v in stats.items() if isinstance(v, (int, float))},
+        "train/loss": train.get("final_loss"), "train/reward_margin": train.get("reward_margin"),
+        **eval_metrics(results),
+        "compute/search_flops": compute["search"].get("flops", 0.0),
+        "compute/train_flops": compute["train"]["flops"],
+        "compute/round_flops": compute["total_flops"], "compute/cumulative_flops": cumulative_flops,
+        "compute/generated_tokens": compute["search"].get("generated_tokens", 0),
+        **{f"time/{key}_s": v for key, v in times.items()},
+    }
+
+
+def _round(c: RoundContext, k: int, policy_path: str) -> tuple[dict, dict, dict, dict, dict, dict]:
+    """Round k's phases (each skipped when its files are complete): search, pairs, train, evaluation.
+    Returns (search, pairs, train, eval results, phase times, new policy path in train["policy"])."""
+    s = c.s
+    rd = round_dir(c.run_dir, k)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    problems = round_problems(c.pool, s, k)
+    written = []
+
+    def begin(phase: str) -> dict:
+        """A phase of round k does work: the round's config and the phase's fingerprint first."""
+        if not written:
+            write_text_atomic(rd.config, c.config_text)
+            written.append(True)
+        fps = fingerprint.round_fingerprints(c.flat, c.run_dir, k, problems, c.eval_tasks)
+        if phase != "eval":
+            fingerprint.record(rd.path, phase, fps[phase])
+        return fps[phase]
+
+    times = {}
+    t0 = time.time()
+    if rd.policy_complete():
+        search = read_json(rd.search_done) if rd.search_done.is_file() else {}
+    else:
+        if not rd.search_done.is_file():
+            begin("search")
+        search = search_phase(s, rd, k, problems, policy_path, c.engine, c.task, c.formatter, c.params)
+    times["search"] = time.time() - t0
+    t0 = time.time()
+    if rd.trees.is_file() and not rd.pairs.is_file():
+        begin("pairs")
+    pairs = pairs_phase(s, rd, k, c.formatter) if rd.trees.is_file() else []
+    times["pairs"] = time.time() - t0
+    t0 = time.time()
+    if not rd.policy_complete():
+        begin("train")
+    train = train_phase(s, rd, k, pairs, policy_path, c.initial_path, c.engine)
+    times["train"] = time.time() - t0
+    policy_path = train.get("policy", policy_path) if not train.get("skipped") else policy_path
+    t0 = time.time()
+    done = read_json(rd.eval) if rd.eval.is_file() else {}
+    eval_fps = begin("eval") if any(name not in done for name in c.eval_tasks) else None
+    results = eval_phase(s, rd.eval, policy_path, c.engine, c.eval_tasks, c.formatter_for, c.params,
+                         eval_seed(s.run.seed), eval_fps) if c.eval_tasks else {}
+    times["eval"] = time.time() - t0
+    return search, pairs, train, results, times, policy_path
+
+
 def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, pool: list, config_text: str,
             flat: dict) -> dict:
     initial_path = resolve_model_path(s.model)
-    params = s.model.params or count_parameters(initial_path)
     tokenizer = load_tokenizer(initial_path)  # the tokenizer never changes across rounds
-    formatter = PromptFormatter(tokenizer, task, s.prompt)
-    eval_tasks = {}
-    for name, tcfg in s.eval_tasks.items():
-        etask = make_task(tcfg, s.tool)
-        eval_tasks[name] = (etask, slice_problems(etask.problems(), s.eval.limit, s.eval.seed))
-    formatter_for = lambda t: PromptFormatter(tokenizer, t, s.prompt)  # noqa: E731
+    c = RoundContext(s=s, run_dir=run_dir, engine=engine, task=task, pool=pool, config_text=config_text, flat=flat,
+                     formatter=PromptFormatter(tokenizer, task, s.prompt),
+                     formatter_for=lambda t: PromptFormatter(tokenizer, t, s.prompt), eval_tasks=_eval_tasks(s),
+                     params=s.model.params or count_parameters(initial_path), initial_path=initial_path)
 
     history: list[dict] = []
     cumulative_flops = 0.0
-    if s.run.evaluate_initial and eval_tasks:
+    if s.run.evaluate_initial and c.eval_tasks:
         t0 = time.time()
-        results = eval_phase(s, run_dir / "initial" / "eval.json", initial_path, engine, eval_tasks, formatter_for,
-                             params, eval_seed(s.run.seed),
-                             fingerprint.eval_fingerprints(flat, eval_tasks, "initial"))
+        results = eval_phase(s, run_dir / "initial" / "eval.json", initial_path, engine, c.eval_tasks,
+                             c.formatter_for, c.params, eval_seed(s.run.seed),
+                             fingerprint.eval_fingerprints(flat, c.eval_tasks, "initial"))
         tracker.log({**eval_metrics(results), "time/eval_s": time.time() - t0}, step=0)
         history.append({"round": "initial", "eval": results})
 
     policy_path = initial_path
     for k in range(s.run.rounds):
+        search, pairs, train, results, times, policy_path = _round(c, k, policy_path)
         rd = round_dir(run_dir, k)
-        rd.path.mkdir(parents=True, exist_ok=True)
-        problems = round_problems(pool, s, k)
-        written = []
-
-        def begin(phase: str) -> dict:
-            """A phase of round k does work: the round's config and the phase's fingerprint first."""
-            if not written:
-                write_text_atomic(rd.config, config_text)
-                written.append(True)
-            fps = fingerprint.round_fingerprints(flat, run_dir, k, problems, eval_tasks)
-            if phase != "eval":
-                fingerprint.record(rd.path, phase, fps[phase])
-            return fps[phase]
-
-        times = {}
-        t0 = time.time()
-        if rd.policy_complete():
-            search = read_json(rd.search_done) if rd.search_done.is_file() else {}
-        else:
-            if not rd.search_done.is_file():
-                begin("search")
-            search = search_phase(s, rd, k, problems, policy_path, engine, task, formatter, params)
-        times["search"] = time.time() - t0
-        t0 = time.time()
-        if rd.trees.is_file() and not rd.pairs.is_file():
-            begin("pairs")
-        pairs = pairs_phase(s, rd, k, formatter) if rd.trees.is_file() else []
-        times["pairs"] = time.time() - t0
-        t0 = time.time()
-        if not rd.policy_complete():
-            begin("train")
-        train = train_phase(s, rd, k, pairs, policy_path, initial_path, engine)
-        times["train"] = time.time() - t0
-        policy_path = train.get("policy", policy_path) if not train.get("skipped") else policy_path
-        t0 = time.time()
-        done = read_json(rd.eval) if rd.eval.is_file() else {}
-        eval_fps = begin("eval") if any(name not in done for name in eval_tasks) else None
-        results = eval_phase(s, rd.eval, policy_path, engine, eval_tasks, formatter_for, params,
-                             eval_seed(s.run.seed), eval_fps) if eval_tasks else {}
-        times["eval"] = time.time() - t0
-
-        compute = {
-            "search": search.get("compute", {}),
-            "train": phase_record(params, train_tokens=int(train.get("tokens", 0))),
-            "eval": {name: r["compute"] for name, r in results.items()},
-        }
-        round_flops = compute["search"].get("flops", 0.0) + compute["train"]["flops"] + sum(
-            c["flops"] for c in compute["eval"].values())
-        cumulative_flops += round_flops
-        compute["total_flops"] = round_flops
+        compute = round_compute(search, train, results, c.params)
+        cumulative_flops += compute["total_flops"]
         if not (rd.compute.is_file() and read_json(rd.compute) == compute):  # a resumed run leaves it alone
             write_json_atomic(rd.compute, compute)
         stats = pair_stats(pairs)
-        metrics = {
-            "search/trees": search.get("trees", 0), "search/solved": search.get("solved", 0),
-            "search/nodes": search.get("nodes", 0),
-            **{f"pairs/{key}": v for key, v in stats.items() if isinstance(v, (int, float))},
-            "train/loss": train.get("final_loss"), "train/reward_margin": train.get("reward_margin"),
-            **eval_metrics(results),
-            "compute/search_flops": compute["search"].get("flops", 0.0),
-            "compute/train_flops": compute["train"]["flops"],
-            "compute/round_flops": round_flops, "compute/cumulative_flops": cumulative_flops,
-            "compute/generated_tokens": compute["search"].get("generated_tokens", 0),
-            **{f"time/{key}_s": v for key, v in times.items()},
-        }
-        tracker.log(metrics, step=k + 1)  # a round already in metrics.jsonl is not logged again
+        tracker.log(round_metrics(search, stats, train, results, compute, cumulative_flops, times),
+                    step=k + 1)  # a round already in metrics.jsonl is not logged again
         history.append({"round": k, "search": search, "pairs": stats, "train": train, "eval": results,
-                        "flops": round_flops, "cumulative_flops": cumulative_flops})
+                        "flops": compute["total_flops"], "cumulative_flops": cumulative_flops})
     report = write_report(run_dir, history)
     print(report)
     return {"run_dir": str(run_dir), "history": history, "policy": policy_path}

@@ -364,71 +364,89 @@ def _finish(state: _Active) -> Tree:
 
 def _wave(active: list[_Active], *, expander: Expander, evaluator: Evaluator, verifier: Verifier,
           config: SearchConfig, seed: int, stats: SearchStats) -> None:
-    """One lockstep wave over `active` trees (see the module docstring)."""
+    """One lockstep wave over `active` trees (see the module docstring): select in every tree, one
+    expansion call, one evaluation call, outcomes at new terminals, backup in selection order."""
     stats.waves += 1
     selections = [sel for state in active for sel in _select(state, config)]
     for state in active:
         state.waves += 1
-
-    # Expand: one call for every expandable leaf, ordered by problem then steps (prefix sharing).
     to_expand = [sel for sel in selections if sel.expand]
-    requests = [_expand_request(sel, config=config, seed=seed) for sel in to_expand]
-    order = sorted(range(len(requests)), key=lambda i: (requests[i].problem.id, requests[i].steps))
-    new_children: dict[int, list[int]] = {}
-    if requests:
-        expansions = expander.expand([requests[i] for i in order])
-        stats.expand_calls += 1
-        stats.expand_requests += len(requests)
-        if len(expansions) != len(requests):
-            raise ValueError(f"expander returned {len(expansions)} expansions for {len(requests)} requests")
-        for i, expansion in zip(order, expansions):
-            sel = to_expand[i]
-            new_children[id(sel)] = _add_children(sel.state.tree, sel.leaf, expansion, verifier=verifier,
-                                                  config=config)
-
-    # Evaluate: one call for every new child of every tree.
+    new_children = _expand_wave(to_expand, expander=expander, verifier=verifier, config=config, seed=seed,
+                                stats=stats)
     pending = [(sel.state.tree, c) for sel in to_expand for c in new_children[id(sel)]]
     if config.self_eval and pending:
-        evaluations = evaluator.evaluate([EvalRequest(problem=t.problem, steps=t.steps(c)) for t, c in pending])
-        stats.evaluate_calls += 1
-        stats.eval_requests += len(pending)
-        if len(evaluations) != len(pending):
-            raise ValueError(f"evaluator returned {len(evaluations)} evaluations for {len(pending)} requests")
-        for (tree, c), ev in zip(pending, evaluations):
-            tree.nodes[c].self_eval = min(1.0, max(0.0, float(ev.score)))
-            tree.compute["evaluations"] += 1
-            tree.compute["prompt_tokens"] += ev.prompt_tokens
-            tree.compute["cached_tokens"] += ev.cached_tokens
-
-    # Outcomes at new terminals, then backup (selection order).
+        _evaluate_wave(pending, evaluator=evaluator, stats=stats)
     for tree, c in pending:
-        node = tree.nodes[c]
-        if node.terminal and config.use_outcome:
-            node.outcome = 1.0 if verifier.is_correct(node.answer, tree.problem) else -1.0
+        if tree.nodes[c].terminal and config.use_outcome:
+            tree.nodes[c].outcome = _outcome(tree, c, verifier)
     for sel in selections:
-        state, tree = sel.state, sel.state.tree
-        children = new_children.get(id(sel), []) if sel.expand else []
-        if sel.expand and not children:
-            log.warning("tree %s: expansion of node %d returned no samples; marking it terminal",
-                        tree.problem.id, sel.leaf)
-            node = tree.nodes[sel.leaf]
-            node.terminal = True
-            if config.use_outcome:
-                node.outcome = 1.0 if verifier.is_correct(node.answer, tree.problem) else -1.0
-        if children:
-            values = []
-            for c in children:
-                v = node_value(tree, c, config=config)
-                tree.nodes[c].visits, tree.nodes[c].value_sum = 1, v
-                values.append(v)
-            backup(tree, sel.leaf, aggregate(values, config.backup))
-        else:
-            backup(tree, sel.leaf, node_value(tree, sel.leaf, config=config))
-        state.simulations += 1
-        state.since_commit += 1
+        _backup_selection(sel, new_children.get(id(sel), []) if sel.expand else [], verifier=verifier,
+                          config=config)
     for state in active:
         if config.stepwise and state.since_commit >= config.commit_every:
             _commit(state)
+
+
+def _outcome(tree: Tree, node_id: int, verifier: Verifier) -> float:
+    """Outcome validation against the known answer: +1 correct, -1 wrong."""
+    return 1.0 if verifier.is_correct(tree.nodes[node_id].answer, tree.problem) else -1.0
+
+
+def _expand_wave(to_expand: list[_Selection], *, expander: Expander, verifier: Verifier, config: SearchConfig,
+                 seed: int, stats: SearchStats) -> dict[int, list[int]]:
+    """One expansion call for every expandable leaf, ordered by problem then steps (so requests that
+    share a prefix sit together); returns id(selection) -> the new children's node ids."""
+    requests = [_expand_request(sel, config=config, seed=seed) for sel in to_expand]
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].problem.id, requests[i].steps))
+    new_children: dict[int, list[int]] = {}
+    if not requests:
+        return new_children
+    expansions = expander.expand([requests[i] for i in order])
+    stats.expand_calls += 1
+    stats.expand_requests += len(requests)
+    if len(expansions) != len(requests):
+        raise ValueError(f"expander returned {len(expansions)} expansions for {len(requests)} requests")
+    for i, expansion in zip(order, expansions):
+        sel = to_expand[i]
+        new_children[id(sel)] = _add_children(sel.state.tree, sel.leaf, expansion, verifier=verifier, config=config)
+    return new_children
+
+
+def _evaluate_wave(pending: list[tuple[Tree, int]], *, evaluator: Evaluator, stats: SearchStats) -> None:
+    """One self-evaluation call for every new child of every tree; scores clipped to [0, 1]."""
+    evaluations = evaluator.evaluate([EvalRequest(problem=t.problem, steps=t.steps(c)) for t, c in pending])
+    stats.evaluate_calls += 1
+    stats.eval_requests += len(pending)
+    if len(evaluations) != len(pending):
+        raise ValueError(f"evaluator returned {len(evaluations)} evaluations for {len(pending)} requests")
+    for (tree, c), ev in zip(pending, evaluations):
+        tree.nodes[c].self_eval = min(1.0, max(0.0, float(ev.score)))
+        tree.compute["evaluations"] += 1
+        tree.compute["prompt_tokens"] += ev.prompt_tokens
+        tree.compute["cached_tokens"] += ev.cached_tokens
+
+
+def _backup_selection(sel: _Selection, children: list[int], *, verifier: Verifier, config: SearchConfig) -> None:
+    """Back up one selection: the aggregate of its new children's values, or the leaf's own value (an
+    expansion that returned nothing makes the leaf terminal)."""
+    state, tree = sel.state, sel.state.tree
+    if sel.expand and not children:
+        log.warning("tree %s: expansion of node %d returned no samples; marking it terminal", tree.problem.id,
+                    sel.leaf)
+        tree.nodes[sel.leaf].terminal = True
+        if config.use_outcome:
+            tree.nodes[sel.leaf].outcome = _outcome(tree, sel.leaf, verifier)
+    if children:
+        values = []
+        for c in children:
+            v = node_value(tree, c, config=config)
+            tree.nodes[c].visits, tree.nodes[c].value_sum = 1, v
+            values.append(v)
+        backup(tree, sel.leaf, aggregate(values, config.backup))
+    else:
+        backup(tree, sel.leaf, node_value(tree, sel.leaf, config=config))
+    state.simulations += 1
+    state.since_commit += 1
 
 
 def _commit(state: _Active) -> None:

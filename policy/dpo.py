@@ -573,17 +573,11 @@ def preference_collator(tokenizer, model, args):
                                      truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
 
 
-def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tokenizer, cfg: TrainConfig,
-                  output_dir: str):
-    """A ConservativeDPOTrainer on `encoded`, reference log-probs precomputed. The reference is the
-    weights at `ref_path`: when it is the policy's own folder TRL uses the policy before training
-    (full training) or the base with the adapter disabled (LoRA); otherwise it is loaded. The collator
-    masks the environment's tokens in the reference precompute and in training alike; the mask travels
-    in the dataset, so TRL's precompute cache (keyed by the dataset's fingerprint) tells the two apart."""
-    from datasets import Dataset
+def dpo_args(cfg: TrainConfig, output_dir: str):
+    """TRL's DPOConfig from our TrainConfig (the one place the two vocabularies meet)."""
     from trl import DPOConfig
 
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=output_dir,
         loss_type=list(cfg.loss_type),
         loss_weights=list(cfg.loss_weights) if cfg.loss_weights is not None else None,
@@ -608,12 +602,29 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
         save_strategy="no",
         dataloader_num_workers=0,
     )
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
 
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+
+def lora_config(cfg: TrainConfig):
+    """peft's LoraConfig when train.lora is on, else None (full fine-tuning)."""
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+
+
+def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tokenizer, cfg: TrainConfig,
+                  output_dir: str):
+    """A ConservativeDPOTrainer on `encoded`, reference log-probs precomputed. The reference is the
+    weights at `ref_path`: when it is the policy's own folder TRL uses the policy before training
+    (full training) or the base with the adapter disabled (LoRA); otherwise it is loaded. The collator
+    masks the environment's tokens in the reference precompute and in training alike; the mask travels
+    in the dataset, so TRL's precompute cache (keyed by the dataset's fingerprint) tells the two apart."""
+    from datasets import Dataset
+
+    args = dpo_args(cfg, output_dir)
+    peft_config = lora_config(cfg)
     model = _load_model(policy_path, cfg)
     ref_model = None if _same_model(policy_path, ref_path) else _load_model(ref_path, cfg)
     collator = EnvironmentMaskCollator(preference_collator(tokenizer, model, args))
