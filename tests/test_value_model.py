@@ -1,0 +1,90 @@
+"""The learned value model (policy/value_model.py): losses, training on the tiny model, saving,
+loading, and the search's Evaluator backed by it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mcts.types import EvalRequest, Problem
+from policy.value_model import (
+    LOSSES,
+    ValueModelEvaluator,
+    ValueTrainConfig,
+    check_losses,
+    config_from_dict,
+    read_result,
+    train_value,
+    train_value_subprocess,
+    value_complete,
+)
+
+GOOD = "Question: 3 + 4?\nStep: 3 + 4 = 7. The answer is 7."
+BAD = "Question: 3 + 4?\nStep: 3 + 4 = 9. The answer is 9."
+TINY = ValueTrainConfig(loss=("bce", "bt"), learning_rate=5e-3, epochs=6, batch_size=4, max_length=64, seed=0,
+                        device="cpu")
+
+
+def test_loss_table_values():
+    import torch
+
+    s, y = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
+    assert torch.allclose(LOSSES["mse"][1](s, y), torch.tensor([0.25, torch.sigmoid(torch.tensor(2.0)) ** 2]))
+    assert torch.allclose(LOSSES["bce"][1](s, y), torch.tensor([math.log(2), math.log(1 + math.exp(2))]))
+    c, r = torch.tensor([1.0]), torch.tensor([-1.0])
+    bt = -math.log(1 / (1 + math.exp(-2)))
+    assert LOSSES["bt"][1](c, r).item() == pytest.approx(bt)
+    # Eurus: BT plus -log sigmoid(r_c) - log sigmoid(-r_r)
+    assert LOSSES["bt_dr"][1](c, r).item() == pytest.approx(bt + 2 * -math.log(1 / (1 + math.exp(-1))))
+    assert {kind for kind, _ in LOSSES.values()} == {"point", "pair"}
+
+
+def test_bad_loss_names_and_weights_are_named():
+    with pytest.raises(ValueError, match="unknown or empty.*'hinge'"):
+        check_losses(ValueTrainConfig(loss=("hinge",)))
+    with pytest.raises(ValueError, match="1 weights for 2 losses"):
+        check_losses(ValueTrainConfig(loss=("bce", "bt"), loss_weights=(1.0,)))
+    with pytest.raises(ValueError, match="unknown value training key"):
+        config_from_dict({"los": ["bce"]})
+    assert config_from_dict({"loss": ["mse"], "epochs": 1}) == ValueTrainConfig(loss=("mse",), epochs=1)
+
+
+@pytest.mark.slow
+def test_trains_orders_pairs_saves_and_serves(tiny_model_dir, tmp_path):
+    examples = [(GOOD, 1.0), (BAD, 0.0)] * 4
+    pairs = [(GOOD, BAD)] * 4
+    out = tmp_path / "value"
+    result = train_value(examples, pairs, base_path=str(tiny_model_dir), out_dir=str(out), cfg=TINY)
+    assert value_complete(out) and read_result(out) == result
+    assert result.examples == 8 and result.pairs == 4 and result.steps == 6 * 3
+    assert result.loss_history[-1] < result.loss_history[0]
+    assert result.pair_accuracy == 1.0
+
+    problem = Problem(id="p", question="3 + 4?", answer="7")
+    evaluator = ValueModelEvaluator(out, lambda p, steps: "Question: " + p.question + "\nStep: " + " ".join(steps),
+                                    device="cpu", max_length=64)
+    good, bad, empty = evaluator.evaluate([EvalRequest(problem, ("3 + 4 = 7. The answer is 7.",)),
+                                           EvalRequest(problem, ("3 + 4 = 9. The answer is 9.",)),
+                                           EvalRequest(problem, ())])
+    assert 0.0 <= bad.score < good.score <= 1.0 and 0.0 <= empty.score <= 1.0
+    assert good.prompt_tokens > empty.prompt_tokens > 0
+    assert evaluator.evaluate([]) == []
+
+
+@pytest.mark.slow
+def test_subprocess_trains_and_reports_failure(tiny_model_dir, tmp_path):
+    cfg = ValueTrainConfig(loss=("mse",), epochs=1, batch_size=2, max_length=32, device="cpu")
+    result = train_value_subprocess([(GOOD, 1.0), (BAD, 0.0)], [], base_path=str(tiny_model_dir),
+                                    out_dir=str(tmp_path / "value"), cfg=cfg)
+    assert result.steps == 1 and result.pair_accuracy is None and value_complete(tmp_path / "value")
+    with pytest.raises(RuntimeError, match="value model training failed"):
+        train_value_subprocess([(GOOD, 1.0)], [], base_path=str(tmp_path / "missing"),
+                               out_dir=str(tmp_path / "value2"), cfg=cfg)
+    assert not (tmp_path / "value2").exists()
+
+
+def test_nothing_to_train_on_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_value([], [(GOOD, BAD)], base_path="unused", out_dir=str(tmp_path / "v"),
+                    cfg=ValueTrainConfig(loss=("bce",)))
