@@ -112,6 +112,8 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
     if todo and policy.tool_stats:  # what the sandbox cost in this invocation's search
         record["tool"] = {**policy.tool_stats, "search_seconds": time.time() - started}
     write_json_atomic(rd.search_done, record)
+    log.info("round %d search: %d of %d trees solved, %d nodes, %d tokens generated, %.0f s", k, solved, len(trees),
+             record["nodes"], compute["generated_tokens"], time.time() - started)
     return record
 
 
@@ -123,6 +125,8 @@ def pairs_phase(s: Settings, rd: RoundDir, k: int, formatter) -> list[dict]:
         pairs.extend(extract_pairs(tree, config=s.pairs, format_prompt=formatter.solution_prompt, round_index=k,
                                     separator=s.prompt.step_separator))
     write_jsonl_atomic(rd.pairs, pairs)
+    stats = pair_stats(pairs)
+    log.info("round %d pairs: %d, from %d problems", k, len(pairs), stats["problems"])
     return pairs
 
 
@@ -142,6 +146,9 @@ def train_phase(s: Settings, rd: RoundDir, k: int, pairs: list[dict], policy_pat
     record = as_dict(result)
     record["policy"] = str(rd.policy)
     write_json_atomic(rd.train, record)
+    log.info("round %d train: %d pairs, %d steps, loss %.3f, reward margin %.3f, %.0f s", k, record.get("pairs", 0),
+             record.get("steps", 0), record.get("final_loss", float("nan")), record.get("reward_margin", float("nan")),
+             record.get("seconds", float("nan")))
     return record
 
 

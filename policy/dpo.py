@@ -45,6 +45,7 @@ so `out_dir` either does not exist or holds a whole checkpoint.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import json
 import logging
@@ -636,6 +637,23 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
     return trainer
 
 
+@contextlib.contextmanager
+def _no_reference_bar():
+    """Without TRL's "Computing reference log probs" bar inside training (one bar per phase): TRL reads
+    TQDM_DISABLE when it draws it, while tqdm itself read the variable at import, so the training bar stays."""
+    import tqdm  # noqa: F401  (imported before the variable is set: it reads TQDM_DISABLE at import)
+
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
 def _quiet_progress(trainer) -> None:
     """The training bar (named "train") shows the step's loss instead of printing every logged dict on
     a line of its own (transformers' ProgressCallback); each dict goes to the log file, and the logs
@@ -644,9 +662,11 @@ def _quiet_progress(trainer) -> None:
 
     class QuietProgress(ProgressCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            super().on_train_begin(args, state, control, **kwargs)
-            if self.training_bar is not None:
-                self.training_bar.set_description("train")
+            if state.is_world_process_zero:  # the parent's bar, named before its first line is drawn
+                from tqdm.auto import tqdm
+
+                self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc="train")
+            self.current_step = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
@@ -726,7 +746,8 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
         with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
             trainer = build_trainer(encoded, policy_path=policy_path, ref_path=ref_path, tokenizer=tokenizer,
                                     cfg=cfg, output_dir=scratch)
-            trainer.train()
+            with _no_reference_bar():
+                trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
         if cfg.lora:
             model = model.merge_and_unload()  # a plain checkpoint: vLLM and the next round load it as is
