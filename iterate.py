@@ -41,11 +41,15 @@ from mcts.pairs import extract_pairs, pair_stats, read_pairs
 from mcts.sampling import sample_trees
 from mcts.search import run_search
 from mcts.tree import dumps_tree, read_trees
+from mcts.types import Problem
+from mcts.value_data import examples_from_trees, value_rows
+from mcts.value_data import summary as value_summary
 from policy.backends import make_backend
 from policy.dpo import train_dpo_subprocess
 from policy.models import count_parameters, load_tokenizer, resolve_model_path
 from policy.prompts import PromptFormatter
 from policy.step_policy import StepPolicy
+from policy.value_model import ValueModelEvaluator, read_result, train_value_subprocess, value_complete
 from tasks import make_task
 
 log = logging.getLogger("iterate")
@@ -74,6 +78,31 @@ class Engine:
         self.path = None
 
 
+def latest_value_model(run_dir: Path, k: int) -> Path | None:
+    """The value model of the latest round before k that trained one (search.value=model), or None."""
+    for j in range(k - 1, -1, -1):
+        if value_complete(round_dir(run_dir, j).value):
+            return round_dir(run_dir, j).value
+    return None
+
+
+def search_evaluator(s: Settings, run_dir: Path, k: int, policy: StepPolicy, formatter):
+    """(evaluator, search config, value model path or None) for round k's search: the policy's
+    self-evaluation, or with search.value=model the latest round's value model (value.before_model
+    until one exists)."""
+    if s.search.value != "model" or s.pairs.source == "sampling":
+        return policy, s.search, None
+    path = latest_value_model(run_dir, k)
+    if path is None:
+        log.info("round %d search: no value model yet; new children are scored by %s (value.before_model)", k,
+                 s.value.before_model)
+        return policy, replace(s.search, value=s.value.before_model), None
+    log.info("round %d search: new children are scored by the value model %s", k, path)
+    evaluator = ValueModelEvaluator(path, formatter.solution_prompt, device=s.value.device,
+                                    max_length=s.value.train.max_length, batch_size=s.value.search_batch)
+    return evaluator, s.search, str(path)
+
+
 def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, engine: Engine, task, formatter,
                  params: int) -> dict:
     """Grow one tree per problem; trees are appended to trees.jsonl as they finish. Resumes: problems
@@ -85,9 +114,11 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
     todo = [p for p in problems if p.id not in done]
     if done:
         log.info("round %d: %d trees already on disk, searching the other %d", k, len(done), len(todo))
+    value_model = None
     if todo:
         policy = StepPolicy(engine.serve(policy_path), formatter, s.generation,
                             eval_with_reference=s.search.eval_with_reference, tool=s.tool)
+        evaluator, search_cfg, value_model = search_evaluator(s, rd.path.parent, k, policy, formatter)
         rd.path.mkdir(parents=True, exist_ok=True)
         with rd.trees.open("a", encoding="utf-8") as out, \
                 tqdm(total=len(problems), initial=len(done), desc=f"round {k} search", unit="tree") as bar:
@@ -97,7 +128,7 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
                                      batch_problems=s.search.batch_trees, seed=seed,
                                      length_exponent=s.search.length_exponent)
             else:
-                trees = run_search(todo, expander=policy, evaluator=policy, verifier=task, config=s.search,
+                trees = run_search(todo, expander=policy, evaluator=evaluator, verifier=task, config=search_cfg,
                                    seed=seed)
             for tree in trees:
                 out.write(dumps_tree(tree) + "\n")
@@ -109,6 +140,8 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
     solved = sum(t.solved() for t in trees)
     record = {"trees": len(trees), "solved": solved, "nodes": sum(len(t.nodes) for t in trees),
               "compute": phase_record(params, **compute)}
+    if value_model:
+        record["value_model"] = value_model
     if todo and policy.tool_stats:  # what the sandbox cost in this invocation's search
         record["tool"] = {**policy.tool_stats, "search_seconds": time.time() - started}
     write_json_atomic(rd.search_done, record)
@@ -128,6 +161,42 @@ def pairs_phase(s: Settings, rd: RoundDir, k: int, formatter) -> list[dict]:
     stats = pair_stats(pairs)
     log.info("round %d pairs: %d, from %d problems", k, len(pairs), stats["problems"])
     return pairs
+
+
+def value_phase(s: Settings, rd: RoundDir, k: int, policy_path: str, engine: Engine, formatter) -> dict:
+    """Train round k's value model (value.enabled) on the targets and sibling pairs of this round's trees
+    and the value.rounds_of_data - 1 rounds before; round_<k>/value.jsonl holds the data, round_<k>/value/
+    the model. Returns its ValueTrainResult as a dict ({} when off, {"skipped": True} without data)."""
+    if not (s.value and s.value.enabled):
+        return {}
+    if value_complete(rd.value):
+        return as_dict(read_result(rd.value))
+    run_dir = rd.path.parent
+    rounds = range(max(0, k - s.value.rounds_of_data + 1), k + 1)
+    files = [round_dir(run_dir, j).trees for j in rounds]
+    trees = [t for path in files if path.is_file() for t in read_trees(path)]
+    examples, pairs = examples_from_trees(trees, s.value.data)
+    write_jsonl_atomic(rd.value_data, value_rows(examples, pairs))
+    stats = value_summary(examples, pairs)
+    if not examples and not pairs:
+        log.warning("round %d value: the trees hold no validated terminals; no value model this round", k)
+        return {"skipped": True, **stats}
+
+    def text(pid: str, question: str, steps: tuple[str, ...]) -> str:
+        return formatter.solution_prompt(Problem(id=pid, question=question, answer=""), tuple(steps))
+
+    point = [(text(e.problem_id, e.question, e.steps), e.target) for e in examples]
+    sides = [(text(p.problem_id, p.question, p.chosen_steps), text(p.problem_id, p.question, p.rejected_steps))
+             for p in pairs]
+    engine.close()  # training runs in its own process; the engine's memory is freed first (as for DPO)
+    base = policy_path if s.value.backbone == "policy" else s.value.backbone
+    result = as_dict(train_value_subprocess(point, sides, base_path=base, out_dir=str(rd.value),
+                                            cfg=replace(s.value.train, seed=derive_seed(s.run.seed, k, "value"))))
+    accuracy = "-" if result["pair_accuracy"] is None else f"{100 * result['pair_accuracy']:.0f}%"
+    log.info("round %d value: %d examples (mean target %.2f), %d pairs from %d trees, %d steps, loss %.3f, "
+             "pairs ordered %s, %.0f s", k, len(examples), stats.get("mean_target", float("nan")), len(pairs),
+             len(trees), result["steps"], result["final_loss"], accuracy, result["seconds"])
+    return result
 
 
 def train_phase(s: Settings, rd: RoundDir, k: int, pairs: list[dict], policy_path: str, initial_path: str,
@@ -280,22 +349,27 @@ def _eval_tasks(s: Settings) -> dict:
     return out
 
 
-def round_compute(search: dict, train: dict, results: dict, params: int) -> dict:
-    """A round's compute.json: each phase's FLOPs and tokens, and the round's total."""
+def round_compute(search: dict, train: dict, results: dict, params: int, value: dict | None = None) -> dict:
+    """A round's compute.json: each phase's FLOPs and tokens, and the round's total (the value model's
+    training only when the round trained one)."""
     compute = {
         "search": search.get("compute", {}),
         "train": phase_record(params, train_tokens=int(train.get("tokens", 0))),
         "eval": {name: r["compute"] for name, r in results.items()},
     }
+    if value and value.get("tokens"):
+        compute["value"] = phase_record(params, train_tokens=int(value["tokens"]))
     compute["total_flops"] = compute["search"].get("flops", 0.0) + compute["train"]["flops"] + sum(
-        c["flops"] for c in compute["eval"].values())
+        c["flops"] for c in compute["eval"].values()) + compute.get("value", {}).get("flops", 0.0)
     return compute
 
 
-def round_metrics(search: dict, stats: dict, train: dict, results: dict, compute: dict, cumulative_flops: float,
-                  times: dict) -> dict:
+def round_metrics(search: dict, stats: dict, value: dict, train: dict, results: dict, compute: dict,
+                  cumulative_flops: float, times: dict) -> dict:
     """The round's line in metrics.jsonl and wandb."""
+    value_keys = ("examples", "pairs", "final_loss", "pair_accuracy")
     return {
+        **{f"value/{key}": value[key] for key in value_keys if value.get(key) is not None},
         "search/trees": search.get("trees", 0), "search/solved": search.get("solved", 0),
         "search/nodes": search.get("nodes", 0),
         **{f"pairs/{key}": v for key, v in stats.items() if isinstance(v, (int, float))},
@@ -309,9 +383,9 @@ def round_metrics(search: dict, stats: dict, train: dict, results: dict, compute
     }
 
 
-def _round(c: RoundContext, k: int, policy_path: str) -> tuple[dict, dict, dict, dict, dict, dict]:
-    """Round k's phases (each skipped when its files are complete): search, pairs, train, evaluation.
-    Returns (search, pairs, train, eval results, phase times, new policy path in train["policy"])."""
+def _round(c: RoundContext, k: int, policy_path: str) -> tuple[dict, list, dict, dict, dict, dict, str]:
+    """Round k's phases (each skipped when its files are complete): search, pairs, value model, train,
+    evaluation. Returns (search, pairs, value, train, eval results, phase times, the policy afterwards)."""
     s = c.s
     rd = round_dir(c.run_dir, k)
     rd.path.mkdir(parents=True, exist_ok=True)
@@ -343,6 +417,11 @@ def _round(c: RoundContext, k: int, policy_path: str) -> tuple[dict, dict, dict,
     pairs = pairs_phase(s, rd, k, c.formatter) if rd.trees.is_file() else []
     times["pairs"] = time.time() - t0
     t0 = time.time()
+    if s.value and s.value.enabled and rd.trees.is_file() and not value_complete(rd.value):
+        begin("value")
+    value = value_phase(s, rd, k, policy_path, c.engine, c.formatter) if rd.trees.is_file() else {}
+    times["value"] = time.time() - t0
+    t0 = time.time()
     if not rd.policy_complete():
         begin("train")
     train = train_phase(s, rd, k, pairs, policy_path, c.initial_path, c.engine)
@@ -354,7 +433,7 @@ def _round(c: RoundContext, k: int, policy_path: str) -> tuple[dict, dict, dict,
     results = eval_phase(s, rd.eval, policy_path, c.engine, c.eval_tasks, c.formatter_for, c.params,
                          eval_seed(s.run.seed), eval_fps) if c.eval_tasks else {}
     times["eval"] = time.time() - t0
-    return search, pairs, train, results, times, policy_path
+    return search, pairs, value, train, results, times, policy_path
 
 
 def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, pool: list, config_text: str,
@@ -378,16 +457,16 @@ def _rounds(s: Settings, run_dir: Path, tracker: Tracker, engine: Engine, task, 
 
     policy_path = initial_path
     for k in range(s.run.rounds):
-        search, pairs, train, results, times, policy_path = _round(c, k, policy_path)
+        search, pairs, value, train, results, times, policy_path = _round(c, k, policy_path)
         rd = round_dir(run_dir, k)
-        compute = round_compute(search, train, results, c.params)
+        compute = round_compute(search, train, results, c.params, value)
         cumulative_flops += compute["total_flops"]
         if not (rd.compute.is_file() and read_json(rd.compute) == compute):  # a resumed run leaves it alone
             write_json_atomic(rd.compute, compute)
         stats = pair_stats(pairs)
-        tracker.log(round_metrics(search, stats, train, results, compute, cumulative_flops, times),
+        tracker.log(round_metrics(search, stats, value, train, results, compute, cumulative_flops, times),
                     step=k + 1)  # a round already in metrics.jsonl is not logged again
-        history.append({"round": k, "search": search, "pairs": stats, "train": train, "eval": results,
+        history.append({"round": k, "search": search, "pairs": stats, "value": value, "train": train, "eval": results,
                         "flops": compute["total_flops"], "cumulative_flops": cumulative_flops})
     report = write_report(run_dir, history)
     print(report)

@@ -30,10 +30,11 @@ from harness.rundir import RoundDir, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-PHASES = ("search", "pairs", "train", "eval")
+PHASES = ("search", "pairs", "value", "train", "eval")
 """In the order they run; a changed phase invalidates itself and every later one."""
 
-VERBS = {"search": "searched", "pairs": "paired", "train": "trained", "eval": "evaluated"}
+VERBS = {"search": "searched", "pairs": "paired", "value": "given a value model", "train": "trained",
+         "eval": "evaluated"}
 
 IGNORED = (
     "run.name", "run.dir",      # where the run lives, not what it does (ours)
@@ -64,6 +65,7 @@ COPIED_IGNORED = ("run.seed",)
 SEARCH_GROUPS = ("model", "task", "prompt", "generation", "search", "tool", "pairs.source", "pairs.samples",
                  "run.seed", "run.problems_per_round")
 PAIRS_GROUPS = ("pairs",)
+VALUE_GROUPS = ("value", "prompt", "run.seed")
 TRAIN_GROUPS = ("train", "run.seed")
 EVAL_GROUPS = ("eval", "model", "prompt", "generation", "tool", "run.seed")
 """What decides each phase (plus derived keys: round.problems, checkpoint.*). Evaluation adds its task's
@@ -136,6 +138,7 @@ def round_fingerprints(flat: Mapping[str, Any], run_dir: Path, k: int, problems:
     return {
         "search": {**select(flat, SEARCH_GROUPS), "round.problems": problems_digest(problems)},
         "pairs": select(flat, PAIRS_GROUPS),
+        "value": {**select(flat, VALUE_GROUPS), "checkpoint.start": start},
         "train": {**select(flat, TRAIN_GROUPS), "checkpoint.start": start, "checkpoint.reference": reference},
         "eval": eval_fingerprints(flat, eval_tasks, trained),
     }
@@ -168,6 +171,8 @@ def started(path: Path) -> dict[str, Any]:
         out["search"] = True
     if rd.pairs.is_file():
         out["pairs"] = True
+    if rd.value_data.is_file() or rd.value.exists():
+        out["value"] = True
     if rd.train.is_file():
         out["train"] = True
     if rd.eval.is_file():
@@ -269,9 +274,10 @@ class Rerun:
 
 
 DOWNSTREAM = {
-    "search": ("trees.jsonl", "search.json", "pairs.jsonl", "policy", "train.json", "eval.json", "compute.json",
-               "config.yaml"),
-    "pairs": ("pairs.jsonl", "policy", "train.json", "eval.json", "compute.json"),
+    "search": ("trees.jsonl", "search.json", "pairs.jsonl", "value.jsonl", "value", "policy", "train.json", "eval.json",
+               "compute.json", "config.yaml"),
+    "pairs": ("pairs.jsonl", "value.jsonl", "value", "policy", "train.json", "eval.json", "compute.json"),
+    "value": ("value.jsonl", "value", "policy", "train.json", "eval.json", "compute.json"),
     "train": ("policy", "train.json", "eval.json", "compute.json"),
 }
 

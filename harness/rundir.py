@@ -103,6 +103,14 @@ class RoundDir:
         return self.path / "policy"
 
     @property
+    def value_data(self) -> Path:
+        return self.path / "value.jsonl"
+
+    @property
+    def value(self) -> Path:
+        return self.path / "value"
+
+    @property
     def train(self) -> Path:
         return self.path / "train.json"
 

@@ -19,6 +19,7 @@ from policy.dpo import TrainConfig
 from policy.models import ModelConfig
 from policy.prompts import PromptConfig
 from policy.step_policy import GenerationConfig
+from policy.value_model import ValueConfig
 from tasks import TaskConfig
 from tools.config import ToolConfig
 
@@ -70,6 +71,7 @@ class Settings:
     eval_tasks: dict[str, TaskConfig] = field(default_factory=dict)
     pairs: PairsConfig | None = None
     train: TrainConfig | None = None
+    value: ValueConfig | None = None
     run: RunConfig | None = None
     out_dir: str | None = None
 
@@ -77,7 +79,7 @@ class Settings:
 _GROUPS = {
     "model": ModelConfig, "backend": BackendConfig, "prompt": PromptConfig, "generation": GenerationConfig,
     "search": SearchConfig, "eval": EvalConfig, "tracking": TrackingConfig, "task": TaskConfig,
-    "pairs": PairsConfig, "train": TrainConfig, "run": RunConfig, "tool": ToolConfig,
+    "pairs": PairsConfig, "train": TrainConfig, "run": RunConfig, "tool": ToolConfig, "value": ValueConfig,
 }
 _IGNORED = {"hydra", "experiment"}
 
@@ -117,3 +119,6 @@ def validate(s: Settings) -> None:
         lacking = [g for g in ("task", "pairs", "train", "tracking") if getattr(s, g) is None]
         if lacking:
             raise ConfigError(f"iterate needs the {', '.join(lacking)} group(s)")
+        if s.search.value == "model" and s.pairs.source != "sampling" and not (s.value and s.value.enabled):
+            raise ConfigError("search.value=model searches with the value model each round trains: set "
+                              "value.enabled=true (or search.value=self_eval|none)")

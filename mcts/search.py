@@ -7,7 +7,7 @@
    wave is never chosen twice);
 2. ONE `expander.expand` call with every expandable leaf of every tree (requests sorted by problem id
    then steps so shared prefixes are adjacent for prefix caching);
-3. ONE `evaluator.evaluate` call with every new child of every tree (skipped when `self_eval` is off);
+3. ONE `evaluator.evaluate` call with every new child of every tree (skipped when `search.value` is none);
 4. outcome validation at new terminals (when `use_outcome`), then backup;
 5. trees whose budget is spent or whose search root is resolved are yielded at once, and new problems
    are pulled from the iterable to refill the wave.
@@ -16,9 +16,9 @@ A wave where no tree expands anything (every selected leaf is a terminal) makes 
 
 Values and backup (the definitions the tests check):
 
-- leaf value v(n) of a node n: non-terminal: 2*s-1 with s the self-evaluation (0 when `self_eval` is
-  off); terminal with an outcome o in {+1,-1} (gold known, `use_outcome`):
-  (w_o*o + w_e*(2s-1)) / (w_o + w_e), or o alone when `self_eval` is off; terminal without an outcome: 2s-1.
+- leaf value v(n) of a node n: non-terminal: 2*s-1 with s the self-evaluation (0 when `search.value`
+  is none); terminal with an outcome o in {+1,-1} (gold known, `use_outcome`):
+  (w_o*o + w_e*(2s-1)) / (w_o + w_e), or o alone when `search.value` is none; terminal without an outcome: 2s-1.
 - a *simulation* selects one leaf l. If l is expandable it is expanded into children c_1..c_k; each
   child starts with visits = 1 and value_sum = v(c_i) (its "own" visit); then
   b = mean(v(c_i)) (or max, `backup: max`) is added to every node on the path root..l, l included
@@ -52,6 +52,8 @@ from mcts.types import EvalRequest, Evaluator, Expander, ExpandRequest, Problem,
 log = logging.getLogger(__name__)
 
 BACKUPS = ("mean", "max")
+VALUES = ("self_eval", "model", "none")
+"""search.value: what scores new children (see SearchConfig)."""
 VOTE_RULES = ("value_vote", "visit_vote", "max_q", "most_visited")
 
 STOP_SIMULATIONS = "simulations"
@@ -72,7 +74,13 @@ class SearchConfig:
     c_puct: exploration constant of PUCT.
     length_exponent: lambda in prior ∝ exp(logprob / L**lambda).
     fpu: first-play value: the Q of an unvisited child during selection.
-    self_eval: evaluate every new child with the policy's self-evaluation (else non-terminal values are 0).
+    value: what estimates a new child's value through the Evaluator: "self_eval" (the policy judges
+        its partial solution, MCTS-DPO), "model" (a learned value model, policy/value_model.py; the
+        caller passes that evaluator), or "none" (no evaluator call; non-terminal values are 0).
+        The score lands in each node's `self_eval` field whichever estimates it; trees record it in
+        `meta["value"]`.
+    self_eval: the former switch, kept so that older commands and run directories compose: false
+        means value="none"; true leaves `value` as set.
     use_outcome: validate terminal answers against the gold answer (training); false at inference time.
     outcome_weight, eval_weight: w_o and w_e in a terminal's value (w_o*outcome + w_e*(2s-1)) / (w_o+w_e).
     backup: what an expansion backs up: the mean or the max of the new children's values.
@@ -100,6 +108,7 @@ class SearchConfig:
     c_puct: float = 1.0
     length_exponent: float = 1.25
     fpu: float = 0.0
+    value: str = "self_eval"
     self_eval: bool = True
     use_outcome: bool = True
     outcome_weight: float = 1.0
@@ -127,6 +136,15 @@ class SearchConfig:
             raise ValueError("search.outcome_weight + search.eval_weight must be positive")
         if self.backup not in BACKUPS:
             raise ValueError(f"search.backup={self.backup!r}: expected one of {', '.join(BACKUPS)}")
+        if self.value not in VALUES:
+            raise ValueError(f"search.value={self.value!r}: expected one of {', '.join(VALUES)}")
+        if self.self_eval is False:
+            object.__setattr__(self, "value", "none")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether new children are scored through the Evaluator (search.value is not "none")."""
+        return self.value != "none"
 
 
 @dataclass
@@ -374,7 +392,7 @@ def _wave(active: list[_Active], *, expander: Expander, evaluator: Evaluator, ve
     new_children = _expand_wave(to_expand, expander=expander, verifier=verifier, config=config, seed=seed,
                                 stats=stats)
     pending = [(sel.state.tree, c) for sel in to_expand for c in new_children[id(sel)]]
-    if config.self_eval and pending:
+    if config.evaluates and pending:
         _evaluate_wave(pending, evaluator=evaluator, stats=stats)
     for tree, c in pending:
         if tree.nodes[c].terminal and config.use_outcome:

@@ -29,13 +29,14 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from harness.console import FILE_ONLY
 from harness.rundir import write_json_atomic
 from mcts.jsonl import read_jsonl
+from mcts.value_data import ValueDataConfig
 from mcts.types import EvalRequest, Evaluation
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,31 @@ class ValueTrainConfig:
     threads: int = 0  # torch intra-op threads; 0: torch's default (ours)
 
 
+BACKBONES = ("policy",)
+"""value.backbone names; anything else is a Hugging Face folder to start from."""
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """The `value` group (conf/value/default.yaml): whether and how each round trains a value model."""
+
+    enabled: bool = False  # train a value model after each round's search (issue 18; ours: off by default)
+    backbone: str = "policy"  # policy: a copy of the policy that searched the round (rStar-Math's PPM) | a HF folder
+    rounds_of_data: int = 1  # trees of this round and the rounds_of_data - 1 before it (ours)
+    before_model: str = "none"  # search.value=model before any value model exists (round 0): none | self_eval
+    search_batch: int = 16  # partial solutions per forward when the search asks the model (ours)
+    device: str = "auto"  # where the search runs the model: cpu | cuda | auto
+    data: ValueDataConfig = field(default_factory=ValueDataConfig)  # targets and pairs (mcts/value_data.py)
+    train: ValueTrainConfig = field(default_factory=ValueTrainConfig)  # losses and optimizer
+
+    def __post_init__(self):
+        if self.rounds_of_data < 1:
+            raise ValueError(f"value.rounds_of_data={self.rounds_of_data}: must be >= 1")
+        if self.before_model not in ("none", "self_eval"):
+            raise ValueError(f"value.before_model={self.before_model!r}: expected none or self_eval")
+        check_losses(self.train)
+
+
 @dataclass(frozen=True)
 class ValueTrainResult:
     examples: int
@@ -70,6 +96,7 @@ class ValueTrainResult:
     pair_accuracy: float | None  # share of training pairs the trained model orders correctly
     seconds: float
     model: str
+    tokens: int = 0  # tokens the model processed in training, summed over epochs (the FLOP ledger's input)
 
 
 def _point_mse(score, target):
@@ -210,9 +237,11 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
         rejected = score_texts(model, tokenizer, [r for _, r in pairs], max_length=cfg.max_length)
         accuracy = float((chosen > rejected).float().mean())
     last = history[-max(1, math.ceil(len(history) / max(cfg.epochs, 1))):]
+    texts = [t for kind, item in items for t in ((item[0],) if kind == "point" else item)]
+    tokens = cfg.epochs * sum(min(len(ids), cfg.max_length) for ids in tokenizer(texts)["input_ids"])
     result = ValueTrainResult(examples=len(examples), pairs=len(pairs), steps=len(history),
                               final_loss=sum(last) / len(last), loss_history=tuple(history), pair_accuracy=accuracy,
-                              seconds=time.time() - started, model=str(out_dir))
+                              seconds=time.time() - started, model=str(out_dir), tokens=tokens)
     _save(model, tokenizer, Path(out_dir), result)
     return result
 

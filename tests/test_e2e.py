@@ -145,3 +145,36 @@ def test_malformed_data_file_names_file_and_line(tiny_model_dir, tmp_path):
                   f"out_dir={tmp_path / 'out'}")
     line = one_error_line(proc)
     assert "bad.jsonl:2" in line
+
+
+def test_value_model_round_trip(tiny_model_dir, tmp_path):
+    """Issue 18 as a user runs it: round 0 trains a value model from its trees, round 1's search is
+    guided by it (no self-evaluation), and the files say so."""
+    run_dir = tmp_path / "value"
+    proc = run_py("iterate.py", "experiment=smoke", f"run.dir={run_dir}", "run.rounds=2", "value.enabled=true",
+                  "search.value=model", "value.train.epochs=1", "value.train.max_length=96", "eval.limit=2", "task.n=4",
+                  "run.evaluate_initial=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = run_dir / "round_0", run_dir / "round_1"
+    rows = [json.loads(line) for line in (r0 / "value.jsonl").read_text().splitlines()]
+    assert rows and {r["kind"] for r in rows} <= {"example", "pair"}
+    assert all(r["target"] == 0.0 for r in rows if r["kind"] == "example")  # the random model solves nothing
+    result = json.loads((r0 / "value" / "value_result.json").read_text())
+    assert result["examples"] == sum(r["kind"] == "example" for r in rows) and result["tokens"] > 0
+    assert (r0 / "value" / "config.json").is_file()
+    # round 0: no value model yet (value.before_model=none): only terminals carry a score, none from an evaluator
+    for tree in read_trees(r0 / "trees.jsonl"):
+        assert tree.meta["config"]["value"] == "none"
+        assert all(n.self_eval is None for n in tree.nodes)
+    search1 = json.loads((r1 / "search.json").read_text())
+    assert search1["value_model"] == str(r0 / "value")
+    trees1 = read_trees(r1 / "trees.jsonl")
+    assert all(t.meta["config"]["value"] == "model" for t in trees1)
+    scored = [n.self_eval for t in trees1 for n in t.nodes[1:]]
+    assert scored and all(s is not None and 0.0 <= s <= 1.0 for s in scored)
+    compute = json.loads((r0 / "compute.json").read_text())
+    assert compute["value"]["flops"] > 0
+    assert compute["total_flops"] >= compute["value"]["flops"] + compute["train"]["flops"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("value/examples") == result["examples"] for m in metrics)
+    assert "round 0 value:" in proc.stdout + proc.stderr

@@ -60,7 +60,7 @@ def check_invariants(tree: Tree, config: SearchConfig) -> None:
                 assert node.outcome in (1.0, -1.0)
             else:
                 assert node.outcome is None
-            assert (node.self_eval is not None) == config.self_eval
+            assert (node.self_eval is not None) == config.evaluates
         keys = [normalize_step(tree.nodes[c].text) for c in node.children]
         assert len(keys) == len(set(keys)), "duplicate siblings"
         if node.children:
@@ -97,7 +97,7 @@ def test_inference_mode_no_outcomes():
 
 def test_without_self_eval_the_evaluator_is_not_called():
     policy = FakePolicy()
-    cfg = SearchConfig(simulations=10, self_eval=False)
+    cfg = SearchConfig(simulations=10, value="none")
     (tree,) = search([sum_problem([1, 2, 3])], cfg, policy=policy)
     check_invariants(tree, cfg)
     assert policy.evaluate_calls == []
@@ -327,3 +327,13 @@ def test_regression_tree():
         REGENERATE.write_text(json.dumps(fresh, indent=1, ensure_ascii=False) + "\n")
     stored = json.loads(REGRESSION.read_text())
     assert fresh == stored, "search changed: if intended, regenerate with MCTSLOOP_REGEN=1 pytest -k regression"
+
+
+def test_search_value_setting():
+    """search.value chooses what scores new children; the former self_eval=false still means none."""
+    assert SearchConfig().value == "self_eval" and SearchConfig().evaluates
+    assert SearchConfig(value="none").evaluates is False
+    assert SearchConfig(self_eval=False).value == "none"
+    assert SearchConfig(value="model", self_eval=True).value == "model"
+    with pytest.raises(ValueError, match="search.value='learned'"):
+        SearchConfig(value="learned")

@@ -146,7 +146,7 @@ def test_the_search_grows_program_steps_and_answers_after_them():
     from tasks import TaskConfig, make_task
 
     task = make_task(TaskConfig(name="t", kind="arith", n=1), TOOL)
-    config = SearchConfig(simulations=3, breadth_root=2, breadth=1, max_depth=4, self_eval=False)
+    config = SearchConfig(simulations=3, breadth_root=2, breadth=1, max_depth=4, value="none")
     [tree] = list(run_search([PROBLEM], expander=policy, evaluator=policy, verifier=task, config=config))
     code_nodes = [n for n in tree.nodes if n.tool_calls]
     assert code_nodes and all(n.tool_calls[0]["output"] == "17" for n in code_nodes)
