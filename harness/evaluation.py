@@ -18,7 +18,7 @@ from tqdm import tqdm
 from harness.compute import phase_record
 from harness.seeds import derive_seed
 from mcts.search import SearchConfig, best_answer, run_search
-from mcts.types import Problem
+from mcts.types import EvalRequest, Problem
 from policy.backends.base import Backend, SamplingSettings
 from policy.prompts import PromptFormatter
 from policy.step_policy import GenerationConfig, StepPolicy
@@ -35,12 +35,16 @@ WILSON_Z = 1.96  # 95% two-sided normal quantile
 class EvalConfig:
     """The `eval` config group.
 
-    mode: greedy | sampling | mcts.
+    mode: greedy | sampling | mcts | best_of_n (k samples, the answer the value model ranks first).
     limit: evaluate on at most this many problems per task (null = all).
     seed: the slice seed (a seeded shuffle before `limit`; null = the first `limit` problems).
     k: samples per problem in sampling mode (majority@k, pass@k).
     temperature, top_p: sampling mode's settings.
     batch_size: problems per backend call (greedy/sampling) — bounds memory, not results.
+    value_model: a trained value model folder (round_<k>/value): best_of_n ranks with it, and mcts mode
+        scores new children with it when search.value=model. No gold answer is used either way.
+    weighting: best_of_n: "plain" takes the single best-scored sample's answer; "weighted" sums the
+        scores of the samples that give each answer (weighted majority) and takes the largest.
     """
 
     mode: str = "greedy"
@@ -50,9 +54,16 @@ class EvalConfig:
     temperature: float = 0.8
     top_p: float = 0.95
     batch_size: int = 256
+    value_model: str | None = None
+    weighting: str = "plain"
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"eval.weighting={self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
 
 
-MODES = ("greedy", "sampling", "mcts")
+MODES = ("greedy", "sampling", "mcts", "best_of_n")
+WEIGHTINGS = ("plain", "weighted")
 
 
 def wilson_interval(correct: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
@@ -87,6 +98,40 @@ def majority_vote(answers: Sequence[str | None], same) -> str | None:
         else:
             clusters.append([a])
     return max(clusters, key=len)[0] if clusters else None
+
+
+def ranked_answer(answers: Sequence[str | None], scores: Sequence[float], same, weighting: str) -> str | None:
+    """best_of_n's choice among samples with value-model scores: the best-scored sample's answer
+    ("plain"), or the answer whose samples' scores sum highest ("weighted"). Samples without an
+    answer are left out; ties go to the first seen."""
+    scored = [(a, s) for a, s in zip(answers, scores) if a is not None]
+    if not scored:
+        return None
+    if weighting == "plain":
+        return max(scored, key=lambda x: x[1])[0]
+    clusters: list[list] = []
+    for a, s in scored:
+        for cluster in clusters:
+            if same(cluster[0], a):
+                cluster[1] += s
+                break
+        else:
+            clusters.append([a, s])
+    return max(clusters, key=lambda c: c[1])[0]
+
+
+def value_evaluator(cfg: EvalConfig, formatter: PromptFormatter, search: SearchConfig):
+    """The value model that best_of_n (and mcts with search.value=model) scores with; None when unused."""
+    if not (cfg.mode == "best_of_n" or (cfg.mode == "mcts" and search.value == "model")):
+        return None
+    if not cfg.value_model:
+        raise ValueError(f"eval.mode={cfg.mode}" + (" with search.value=model" if cfg.mode == "mcts" else "")
+                         + " needs eval.value_model=<folder of a trained value model, e.g. runs/<name>/round_0/value>")
+    from policy.value_model import ValueModelEvaluator, value_complete
+
+    if not value_complete(cfg.value_model):
+        raise ValueError(f"eval.value_model={cfg.value_model}: not a finished value model (no value_result.json)")
+    return ValueModelEvaluator(cfg.value_model, formatter.solution_prompt)
 
 
 def _chunks(items: list, size: int):
@@ -134,7 +179,8 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
     prompt_tokens = generated = cached = 0
     extra: dict[str, Any] = {}
     executor = ToolExecutor(tool) if tool is not None and tool.enabled else None
-    if cfg.mode in ("greedy", "sampling"):
+    ranker = value_evaluator(cfg, formatter, search)
+    if cfg.mode in ("greedy", "sampling", "best_of_n"):
         greedy = cfg.mode == "greedy"
         settings = SamplingSettings(n=1 if greedy else cfg.k, max_tokens=gen.solution_max_tokens,
                                     temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p)
@@ -144,7 +190,14 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
         for problem, (samples, gen_tok, p_tok, c_tok) in zip(problems, outputs):
             texts = [s.text for s in samples]
             answers = [task.extract(t) for t in texts]
-            prediction = answers[0] if greedy else majority_vote(answers, same)
+            scores = None
+            if ranker is not None:  # the whole solution as the partial solution to value
+                valued = ranker.evaluate([EvalRequest(problem=problem, steps=(t,)) for t in texts])
+                scores = [v.score for v in valued]
+                p_tok += sum(v.prompt_tokens for v in valued)
+                prediction = ranked_answer(answers, scores, same, cfg.weighting)
+            else:
+                prediction = answers[0] if greedy else majority_vote(answers, same)
             any_correct = any(task.is_correct(a, problem) for a in answers)
             pass_k += any_correct
             record = dict(id=problem.id, question=problem.question, gold=problem.answer, prediction=prediction,
@@ -155,22 +208,26 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
                     record["tool_calls"] = [asdict(c) for c in samples[0].tool_calls]
             else:
                 record.update(answers=answers, pass_at_k=any_correct)
+                if scores is not None:
+                    record["scores"] = scores
             records.append(record)
             prompt_tokens += p_tok
             generated += gen_tok
             cached += c_tok
         if not greedy:
             extra = {"pass_at_k": pass_k / len(problems), "k": cfg.k}
+        if ranker is not None:
+            extra.update(value_model=cfg.value_model, weighting=cfg.weighting)
     else:
-        # Inference-time search: self-evaluation only; no gold answer in any prompt.
+        # Inference-time search: self-evaluation or the value model; no gold answer in any prompt.
         policy = StepPolicy(backend, formatter, gen, eval_with_reference=False, tool=tool)
         executor = policy.executor
         search_cfg = replace(search, use_outcome=False)
         by_id = {p.id: p for p in problems}
         trees = {}
         with tqdm(total=len(problems), desc=f"eval-mcts {task.name}", unit="tree", leave=False) as bar:
-            for tree in run_search(problems, expander=policy, evaluator=policy, verifier=task, config=search_cfg,
-                                   seed=seed):
+            for tree in run_search(problems, expander=policy, evaluator=ranker or policy, verifier=task,
+                                   config=search_cfg, seed=seed):
                 trees[tree.problem.id] = tree
                 bar.update(1)
         for problem_id, problem in by_id.items():

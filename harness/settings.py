@@ -111,6 +111,10 @@ def validate(s: Settings) -> None:
     """Cross-field rules."""
     if s.eval.mode not in MODES:
         raise ConfigError(f"eval.mode={s.eval.mode!r}: expected one of {', '.join(MODES)}")
+    ranks = s.eval.mode == "best_of_n" or (s.eval.mode == "mcts" and s.search.value == "model")
+    if ranks and not s.eval.value_model:
+        raise ConfigError(f"eval.mode={s.eval.mode}" + (" with search.value=model" if s.eval.mode == "mcts" else "")
+                          + " needs eval.value_model=<a trained value model folder, e.g. runs/<name>/round_0/value>")
     if s.eval.limit is not None and s.eval.limit <= 0:
         raise ConfigError(f"eval.limit={s.eval.limit}: must be positive or null")
     if s.run is not None:

@@ -122,3 +122,42 @@ def test_search_command_writes_trees_and_viewer(tiny_model_dir, tmp_path):
     assert len(trees) == 2
     html = (out / "trees.html").read_text()
     assert "<html" in html.lower() and trees[0].problem.id in html
+
+
+@pytest.fixture(scope="module")
+def value_dir(tiny_model_dir, tmp_path_factory):
+    from policy.value_model import ValueTrainConfig, train_value
+
+    out = tmp_path_factory.mktemp("value") / "value"
+    train_value([("Sam has 2 pens. The answer is 4.", 1.0), ("Sam has 2 pens. The answer is 5.", 0.0)], [],
+                base_path=str(tiny_model_dir), out_dir=str(out),
+                cfg=ValueTrainConfig(loss=("bce",), epochs=1, batch_size=2, max_length=32, device="cpu"))
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["plain", "weighted"])
+def test_best_of_n_ranks_samples_with_the_value_model(setup, value_dir, weighting):
+    from harness.evaluation import ranked_answer
+
+    backend, task, formatter = setup
+    problems = task.problems()[:3]
+    cfg = EvalConfig(mode="best_of_n", k=3, value_model=str(value_dir), weighting=weighting)
+    result = evaluate_problems(task, problems, backend=backend, formatter=formatter, gen=GEN, cfg=cfg,
+                               search=SEARCH, params=1000, seed=0)
+    same = lambda a, b: task.is_correct(b, Problem("vote", "", a))  # noqa: E731
+    assert result["mode"] == "best_of_n" and result["weighting"] == weighting and result["n"] == 3
+    for record in result["records"]:
+        assert len(record["scores"]) == 3 and all(0.0 <= s <= 1.0 for s in record["scores"])
+        assert record["prediction"] == ranked_answer(record["answers"], record["scores"], same, weighting)
+    with pytest.raises(ValueError, match="needs eval.value_model"):
+        evaluate_problems(task, problems, backend=backend, formatter=formatter, gen=GEN,
+                          cfg=EvalConfig(mode="best_of_n", k=2), search=SEARCH, params=1000)
+
+
+def test_mcts_evaluation_with_the_value_model(setup, value_dir):
+    backend, task, formatter = setup
+    problems = task.problems()[:2]
+    result = evaluate_problems(task, problems, backend=backend, formatter=formatter, gen=GEN,
+                               cfg=EvalConfig(mode="mcts", value_model=str(value_dir)),
+                               search=replace(SEARCH, value="model"), params=1000)
+    assert result["n"] == 2 and result["compute"]["prompt_tokens"] > 0

@@ -88,3 +88,13 @@ def test_nothing_to_train_on_is_named(tmp_path):
     with pytest.raises(ValueError, match="nothing to train on"):
         train_value([], [(GOOD, BAD)], base_path="unused", out_dir=str(tmp_path / "v"),
                     cfg=ValueTrainConfig(loss=("bce",)))
+
+
+def test_ranked_answer_plain_and_weighted():
+    from harness.evaluation import ranked_answer
+
+    same = lambda a, b: float(a) == float(b)  # noqa: E731
+    answers, scores = ["3", "4", "4.0", None], [0.9, 0.5, 0.5, 1.0]
+    assert ranked_answer(answers, scores, same, "plain") == "3"  # the best sample with an answer
+    assert ranked_answer(answers, scores, same, "weighted") == "4"  # 0.5 + 0.5 > 0.9
+    assert ranked_answer([None, None], [0.1, 0.2], same, "plain") is None
