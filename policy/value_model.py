@@ -222,14 +222,19 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
     rng = random.Random(cfg.seed)
     history = []
     per_batch = max(1, cfg.batch_size)
-    for _ in range(cfg.epochs):
-        for batch in _batches(items, per_batch, rng):
-            loss = _batch_loss(model, tokenizer, batch, point, pair, cfg)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            history.append(float(loss.detach()))
-            log.info("value step %d: loss %.4f", len(history), history[-1], extra=FILE_ONLY)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=cfg.epochs * math.ceil(len(items) / per_batch), desc="value", unit="step", leave=False) as bar:
+        for _ in range(cfg.epochs):
+            for batch in _batches(items, per_batch, rng):
+                loss = _batch_loss(model, tokenizer, batch, point, pair, cfg)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                history.append(float(loss.detach()))
+                log.info("value step %d: loss %.4f", len(history), history[-1], extra=FILE_ONLY)
+                bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+                bar.update(1)
     model.eval()
     accuracy = None
     if pairs:
