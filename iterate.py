@@ -215,8 +215,9 @@ def train_phase(s: Settings, rd: RoundDir, k: int, pairs: list[dict], policy_pat
     record = as_dict(result)
     record["policy"] = str(rd.policy)
     write_json_atomic(rd.train, record)
-    log.info("round %d train: %d pairs, %d steps, loss %.3f, reward margin %.3f, %.0f s", k, record.get("pairs", 0),
-             record.get("steps", 0), record.get("final_loss", float("nan")), record.get("reward_margin", float("nan")),
+    log.info("round %d train: %d pairs, %d steps, loss %.3f, reward margin %.3f, reward accuracy %.2f, %.0f s", k,
+             record.get("pairs", 0), record.get("steps", 0), record.get("final_loss", float("nan")),
+             record.get("reward_margin", float("nan")), record.get("reward_accuracy", float("nan")),
              record.get("seconds", float("nan")))
     return record
 

@@ -764,7 +764,7 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("DPO done in %.0f s: %d steps, final loss %.4f, reward margin %.4f, accuracy %.2f", result.seconds,
-             result.steps, result.final_loss, result.reward_margin, result.reward_accuracy)
+             result.steps, result.final_loss, result.reward_margin, result.reward_accuracy, extra=FILE_ONLY)
     return result
 
 
