@@ -49,7 +49,7 @@ from policy.dpo import train_dpo_subprocess
 from policy.models import count_parameters, load_tokenizer, resolve_model_path
 from policy.prompts import PromptFormatter
 from policy.step_policy import StepPolicy
-from policy.value_model import ValueModelEvaluator, read_result, train_value_subprocess, value_complete
+from policy.value_model import make_value_evaluator, read_result, train_value_subprocess, value_complete
 from tasks import make_task
 
 log = logging.getLogger("iterate")
@@ -98,8 +98,9 @@ def search_evaluator(s: Settings, run_dir: Path, k: int, policy: StepPolicy, for
                  s.value.before_model)
         return policy, replace(s.search, value=s.value.before_model), None
     log.info("round %d search: new children are scored by the value model %s", k, path)
-    evaluator = ValueModelEvaluator(path, formatter.solution_prompt, device=s.value.device,
-                                    max_length=s.value.train.max_length, batch_size=s.value.search_batch)
+    evaluator = make_value_evaluator(path, formatter.solution_prompt, engine=s.value.engine, device=s.value.device,
+                                     max_length=s.value.train.max_length, batch_size=s.value.search_batch,
+                                     backend_cfg=engine_config(s))
     return evaluator, s.search, str(path)
 
 
@@ -134,6 +135,8 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
                 out.write(dumps_tree(tree) + "\n")
                 out.flush()
                 bar.update(1)
+        if evaluator is not policy:
+            evaluator.close()
     trees = read_trees(rd.trees)
     compute = {key: sum(t.compute.get(key, 0) for t in trees)
                for key in ("prompt_tokens", "generated_tokens", "cached_tokens")}

@@ -40,6 +40,18 @@ Training runs in a fresh process (`train_dpo_subprocess`, see docs/notes.md "Tra
 in a process where a vLLM engine ran was 50x slower). The checkpoint is written into a temporary
 folder next to `out_dir` and renamed into place only when complete (with `train_result.json` inside),
 so `out_dir` either does not exist or holds a whole checkpoint.
+
+Several processes (`train.launcher=torchrun`, `train.processes=N`): the child is started as
+`python -m torch.distributed.run --standalone --nproc_per_node N -m policy.train_main job.json`, and
+transformers' Trainer wraps the policy in DistributedDataParallel (DDP; on the CPU over gloo). Every
+rank trains on its share of each batch (effective batch = batch_size * grad_accum * N); rank 0 alone
+writes what is shared (the temporary checkpoint folder and its rename, the result file, INFO log lines),
+after checking that the ranks' weights agree; the other ranks log warnings and errors only and wait at
+a barrier until rank 0 has saved. The pairs' dataset is a file in the job's `work_dir` (written by rank
+0), so that TRL's reference log-prob cache next to it is one file all ranks read (for an in-memory
+dataset each process would look for it under a random name of its own). With `shared_prompt` the
+policy's forward takes TRL's plain path under DDP (the packed forward would go around DDP's gradient
+all-reduce); the reference precompute, which has no gradients, stays packed.
 """
 
 from __future__ import annotations
@@ -78,6 +90,7 @@ SMOOTHED_LOSS = "sigmoid"  # the loss type the per-pair smoothing applies to
 REFERENCES = ("initial", "previous")
 EOS_MODES = ("terminal", "always", "never")
 DTYPES = ("float32", "bfloat16")
+LAUNCHERS = ("process", "torchrun")  # how the training child is started (train_dpo_subprocess)
 MAX_SMOOTHING = 0.5  # epsilon = 0.5 makes a pair symmetric: no preference left to learn
 
 SMOOTHING_COLUMN = "label_smoothing"  # per-pair epsilon, from the dataset through the collator into the batch
@@ -137,7 +150,13 @@ class TrainConfig:
     shared_prompt: run each pair as one sequence, its shared prefix (the prompt) once, chosen and
         rejected behind a block attention mask, and the LM head only at the positions whose log-prob
         the loss reads (policy/shared_prompt.py); the same log-probabilities as TRL's plain path (false:
-        every prompt run twice, the head over every position), for fewer positions.
+        every prompt run twice, the head over every position), for fewer positions. Under DDP
+        (processes > 1) only the reference precompute is packed (see the module docstring).
+    launcher: how the training child starts: "process" (one `python -m policy.train_main` process) or
+        "torchrun" (`python -m torch.distributed.run --standalone --nproc_per_node <processes>`: DDP,
+        gloo on the CPU).
+    processes: training processes (DDP ranks) on this machine; more than 1 needs launcher=torchrun.
+        Each rank takes batch_size pairs per step (see `effective_batch`).
     """
 
     loss_type: tuple[str, ...] = ("sigmoid", "sft")
@@ -169,6 +188,8 @@ class TrainConfig:
     logging_steps: int = 1
     malloc_reuse: bool = True
     shared_prompt: bool = True
+    launcher: str = "process"
+    processes: int = 1
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
@@ -186,6 +207,13 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
         check_device(self.device, "train.device")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"train.launcher={self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
+            raise ValueError(f"train.processes={self.processes!r}: must be an integer >= 1")
+        if self.launcher == "process" and self.processes != 1:
+            raise ValueError(f"train.processes={self.processes} needs train.launcher=torchrun "
+                             "(train.launcher=process starts one training process)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must lie in [0, 1)")
         positive = {"beta": self.beta, "learning_rate": self.learning_rate, "epochs": self.epochs,
@@ -194,6 +222,11 @@ class TrainConfig:
         bad = [f"train.{k}={v}" for k, v in positive.items() if not v > 0]
         if bad:
             raise ValueError(f"{', '.join(bad)}: must be positive")
+
+    @property
+    def effective_batch(self) -> int:
+        """Pairs per optimizer step, over all processes."""
+        return self.batch_size * self.grad_accum * self.processes
 
     @property
     def smoothing_active(self) -> bool:
@@ -219,10 +252,14 @@ class TrainResult:
     pairs: pairs trained on (after dropping those whose prompt fills max_length).
     tokens: tokens processed by the policy, summed over epochs: per pair, prompt+chosen plus
         prompt+rejected (the prompt is run once with each completion), after truncation; this is
-        what the FLOP ledger multiplies (harness/compute.py).
+        what the FLOP ledger multiplies (harness/compute.py). Under DDP a short last step is filled
+        up with pairs from the start (accelerate's even batches); this count leaves them out.
     seconds: wall time of loading, training and saving.
     loss_history: the loss at every logged step.
     mean_smoothing: mean per-pair epsilon that reached the loss (0 when not conservative).
+    processes: training processes (DDP ranks); 1 in train.json files from before the field.
+    effective_batch: pairs per optimizer step over all processes (batch_size * grad_accum * processes);
+        None in train.json files from before the field.
     margin_history, accuracy_history, chosen_history, rejected_history: TRL's `rewards/margins`,
         `rewards/accuracies`, `rewards/chosen` and `rewards/rejected` (beta * log-ratio against the
         reference) at every logged step: the reward curves. Unlike the loss, they have the same
@@ -242,6 +279,8 @@ class TrainResult:
     accuracy_history: tuple[float, ...] = ()
     chosen_history: tuple[float, ...] = ()
     rejected_history: tuple[float, ...] = ()
+    processes: int = 1
+    effective_batch: int | None = None
 
 
 # TrainResult's per-step histories and the TRL log keys they are read from.
@@ -488,6 +527,11 @@ def conservative_trainer_class():
             # exists in training batches. It wraps the collator the precompute ran (the environment mask).
             self.data_collator = SmoothingCollator(self.data_collator)
             self.smoothing_weight = sum(w for t, w in zip(self.loss_types, self.loss_weights) if t == SMOOTHED_LOSS)
+            # DDP all-reduces the gradients from its own forward; the packed call would go around it.
+            self.shared_policy = self.shared_prompt and self.accelerator.num_processes == 1
+            if self.shared_prompt and not self.shared_policy and self.accelerator.is_main_process:
+                log.info("train.shared_prompt under DDP: the reference precompute is packed, the policy's "
+                         "forward takes TRL's plain path", extra=FILE_ONLY)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset  # tokenized by encode_pairs (its own EOS rule, no special tokens added)
@@ -497,9 +541,10 @@ def conservative_trainer_class():
             kept = [c for c in (SMOOTHING_COLUMN, *ENV_COLUMNS.values()) if c not in self._signature_columns]
             self._signature_columns = [*self._signature_columns, *kept]  # through remove_unused_columns
 
-        def _shared(self, model, outputs: tuple[str, ...]):
-            """`model`, or with shared_prompt its stand-in that packs each pair (policy/shared_prompt.py)."""
-            if not self.shared_prompt:
+        def _shared(self, model, outputs: tuple[str, ...], *, policy: bool = False):
+            """`model`, or with shared_prompt its stand-in that packs each pair (policy/shared_prompt.py);
+            for the policy's forward (`policy`) not under DDP."""
+            if not (self.shared_policy if policy else self.shared_prompt):
                 return model
             from policy.shared_prompt import SharedPromptForward
 
@@ -516,7 +561,8 @@ def conservative_trainer_class():
 
             inputs = dict(inputs)
             eps = inputs.pop(SMOOTHING_COLUMN, None)
-            model = self._shared(model, POLICY_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ()))
+            model = self._shared(model, POLICY_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ()),
+                                 policy=True)
             if eps is None or not self.smoothing_weight:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             recorder = _ForwardRecorder(model)
@@ -575,9 +621,12 @@ def preference_collator(tokenizer, model, args):
 
 
 def dpo_args(cfg: TrainConfig, output_dir: str):
-    """TRL's DPOConfig from our TrainConfig (the one place the two vocabularies meet)."""
+    """TRL's DPOConfig from our TrainConfig (the one place the two vocabularies meet). Under several
+    processes on the CPU the process group is gloo's, named (accelerate would take MPI where torch has it)."""
     from trl import DPOConfig
 
+    use_cpu = resolve_device(cfg.device, key="train.device") == "cpu"
+    distributed = {"ddp_backend": "gloo"} if use_cpu and world_size() > 1 else {}
     return DPOConfig(
         output_dir=output_dir,
         loss_type=list(cfg.loss_type),
@@ -597,11 +646,12 @@ def dpo_args(cfg: TrainConfig, output_dir: str):
         disable_dropout=cfg.disable_dropout,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=cfg.dtype == "bfloat16" or cfg.autocast,
-        use_cpu=resolve_device(cfg.device, key="train.device") == "cpu",
+        use_cpu=use_cpu,
         logging_steps=cfg.logging_steps,
         report_to=[],
         save_strategy="no",
         dataloader_num_workers=0,
+        **distributed,
     )
 
 
@@ -616,25 +666,46 @@ def lora_config(cfg: TrainConfig):
 
 
 def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tokenizer, cfg: TrainConfig,
-                  output_dir: str):
+                  output_dir: str, work_dir: str | None = None):
     """A ConservativeDPOTrainer on `encoded`, reference log-probs precomputed. The reference is the
     weights at `ref_path`: when it is the policy's own folder TRL uses the policy before training
     (full training) or the base with the adapter disabled (LoRA); otherwise it is loaded. The collator
     masks the environment's tokens in the reference precompute and in training alike; the mask travels
-    in the dataset, so TRL's precompute cache (keyed by the dataset's fingerprint) tells the two apart."""
+    in the dataset, so TRL's precompute cache (keyed by the dataset's fingerprint) tells the two apart.
+    Under several processes the dataset is a file in `work_dir` (`_shared_dataset`)."""
     from datasets import Dataset
 
     args = dpo_args(cfg, output_dir)
+    dataset = Dataset.from_list(list(encoded.rows))
+    if world_size() > 1:
+        dataset = _shared_dataset(dataset, args, work_dir)
     peft_config = lora_config(cfg)
     model = _load_model(policy_path, cfg)
     ref_model = None if _same_model(policy_path, ref_path) else _load_model(ref_path, cfg)
     collator = EnvironmentMaskCollator(preference_collator(tokenizer, model, args))
     trainer = conservative_trainer_class()(model=model, ref_model=ref_model, args=args, data_collator=collator,
-                                           train_dataset=Dataset.from_list(list(encoded.rows)),
+                                           train_dataset=dataset,
                                            processing_class=tokenizer, peft_config=peft_config,
                                            shared_prompt=cfg.shared_prompt)
     _quiet_progress(trainer)
     return trainer
+
+
+def _shared_dataset(dataset, args, work_dir: str | None):
+    """`dataset` as an Arrow file in `work_dir`, written by rank 0 while the other ranks wait, then read
+    by all. TRL's reference precompute writes its cache (on rank 0) next to the dataset's file, named
+    by rank 0's fingerprint, and every rank reads it back; for an in-memory dataset `datasets` names
+    that file at random in a temporary folder of each process's own, where the other ranks never find it."""
+    from datasets import Dataset
+
+    if work_dir is None:
+        raise ValueError("training in several processes needs a work_dir shared by the ranks "
+                         "(train_dpo_subprocess passes one)")
+    path = Path(work_dir) / "pairs.arrow"
+    with args.main_process_first(local=False, desc="writing the pairs' dataset file"):
+        if is_main_rank():
+            dataset.flatten_indices(cache_file_name=str(path))
+        return Dataset.from_file(str(path))
 
 
 @contextlib.contextmanager
@@ -710,58 +781,101 @@ def _temp_prefix(out: Path) -> str:
     return f".{out.name}.tmp-"
 
 
+def world_size() -> int:
+    """Processes training together (torchrun's WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_rank() -> bool:
+    """Whether this process is rank 0, the one that writes (torchrun's RANK; true without a launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_ranks_agree(trainer) -> None:
+    """Raise unless every rank holds the same weights after training: DDP keeps them equal by
+    all-reducing the gradients, and a forward that went around it would not have (one sum per tensor,
+    gathered from every rank)."""
+    import torch
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    gathered = trainer.accelerator.gather(sums[None])
+    if not all(torch.equal(row, gathered[0]) for row in gathered):
+        raise RuntimeError("the training processes ended with different weights: their gradients were not "
+                           "all-reduced (a forward around DDP's?)")
+
+
 def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: str, out_dir: str,
-              cfg: TrainConfig) -> TrainResult:
+              cfg: TrainConfig, work_dir: str | None = None) -> TrainResult:
     """Train the model at `policy_path` with DPO on `pairs` against the reference at `ref_path`; save
     the result (model, tokenizer, train_result.json) to `out_dir`, atomically. In this process: use
-    `train_dpo_subprocess` from a process that ran an inference engine."""
+    `train_dpo_subprocess` from a process that ran an inference engine.
+
+    As one of several DDP ranks (torchrun; `cfg.processes` of them): every rank trains and returns the
+    result, rank 0 alone saves; `work_dir` is a folder all ranks share (`_shared_dataset`)."""
     from policy.models import load_tokenizer
 
     started = time.time()
+    world, main = world_size(), is_main_rank()
+    if world != cfg.processes:
+        raise ValueError(f"train.processes={cfg.processes}, but this process is one of {world} (WORLD_SIZE): "
+                         "train through train_dpo_subprocess, which starts them (train.launcher=torchrun)")
     _require_model(policy_path, "policy_path")
     _require_model(ref_path, "ref_path")
     out = Path(out_dir)
     tokenizer = load_tokenizer(policy_path)
     encoded = encode_pairs(pairs, tokenizer, cfg=cfg)
-    if encoded.dropped:
+    if encoded.dropped and main:  # the same data on every rank: rank 0 tells
         log.warning("%d of %d pairs dropped: the prompt fills max_length=%d, or a completion is empty "
                     "(or only program output)",
                     encoded.dropped, len(pairs), cfg.max_length)
     if not encoded.rows:
         raise ValueError(f"no pair left to train on (of {len(pairs)})")
-    if cfg.conservative and not cfg.smoothing_active:
+    if cfg.conservative and not cfg.smoothing_active and main:
         log.warning("train.conservative applies to the sigmoid loss only; loss_type=%s has none: no smoothing",
                     list(cfg.loss_type))
     symmetric = sum(r.get(SMOOTHING_COLUMN, 0.0) >= MAX_SMOOTHING for r in encoded.rows)
-    if symmetric:
+    if symmetric and main:
         log.warning("%d of %d pairs have smoothing %.1f (rejected visited at least as often as chosen): "
                     "they carry no preference signal", symmetric, len(encoded.rows), MAX_SMOOTHING)
     log.info("DPO: %d pairs, %d tokens per epoch (%d of them the environment's, masked), mean smoothing %.3f, "
              "policy %s, reference %s", len(encoded.rows), encoded.tokens_per_epoch, encoded.env_tokens,
              encoded.mean_smoothing, policy_path, ref_path, extra=FILE_ONLY)
+    log.info("DPO: effective batch %d pairs per step = batch_size %d x grad_accum %d x processes %d",
+             cfg.effective_batch, cfg.batch_size, cfg.grad_accum, cfg.processes, extra=FILE_ONLY)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+    tmp = None
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
             trainer = build_trainer(encoded, policy_path=policy_path, ref_path=ref_path, tokenizer=tokenizer,
-                                    cfg=cfg, output_dir=scratch)
+                                    cfg=cfg, output_dir=scratch, work_dir=work_dir)
             with _no_reference_bar():
                 trainer.train()
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if cfg.lora:
-            model = model.merge_and_unload()  # a plain checkpoint: vLLM and the next round load it as is
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if world > 1:
+            _check_ranks_agree(trainer)
+        if main:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            if cfg.lora:
+                model = model.merge_and_unload()  # a plain checkpoint: vLLM and the next round load it as is
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         result = TrainResult(**_summarize(trainer.state.log_history, epochs=cfg.epochs),
                              steps=int(trainer.state.global_step), pairs=len(encoded.rows),
                              tokens=encoded.tokens_per_epoch * cfg.epochs, seconds=time.time() - started,
-                             mean_smoothing=encoded.mean_smoothing)
-        write_json(tmp / RESULT_FILE, {**asdict(result), "policy_path": policy_path, "ref_path": ref_path,
-                                       "config": asdict(cfg)})
-        _replace_dir(tmp, out)
+                             mean_smoothing=encoded.mean_smoothing, processes=world,
+                             effective_batch=cfg.effective_batch)
+        if main:
+            write_json(tmp / RESULT_FILE, {**asdict(result), "policy_path": policy_path, "ref_path": ref_path,
+                                           "config": asdict(cfg)})
+            _replace_dir(tmp, out)
+        if world > 1:
+            trainer.accelerator.wait_for_everyone()  # no rank ends before rank 0 has saved
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("DPO done in %.0f s: %d steps, final loss %.4f, reward margin %.4f, accuracy %.2f", result.seconds,
              result.steps, result.final_loss, result.reward_margin, result.reward_accuracy, extra=FILE_ONLY)
@@ -772,12 +886,14 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
 
 
 def run_job(job_path: str) -> TrainResult:
-    """The child's side of `train_dpo_subprocess`: read the job, train, write the result."""
+    """The child's side of `train_dpo_subprocess`: read the job, train, write the result (rank 0 only,
+    when several processes train)."""
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     pairs = read_jsonl(job["pairs"])
     result = train_dpo(pairs, policy_path=job["policy_path"], ref_path=job["ref_path"], out_dir=job["out_dir"],
-                       cfg=config_from_dict(job["cfg"]))
-    write_json(Path(job["result"]), asdict(result))
+                       cfg=config_from_dict(job["cfg"]), work_dir=job.get("work_dir"))
+    if is_main_rank():
+        write_json(Path(job["result"]), asdict(result))
     return result
 
 
@@ -785,10 +901,10 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 """glibc malloc: large blocks from the heap, never unmapped (TrainConfig.malloc_reuse)."""
 
 
-def _child_env(malloc_reuse: bool = False) -> dict[str, str]:
+def _child_env(malloc_reuse: bool = False, processes: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env.setdefault("OMP_NUM_THREADS", str(cores))  # all cores unless the caller chose
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // processes)))  # all cores, shared, unless the caller chose
     if malloc_reuse:
         for key, value in MALLOC_ENV.items():
             env.setdefault(key, value)
@@ -814,26 +930,41 @@ def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]
     return code, lines[-STDERR_TAIL_LINES:]
 
 
+def train_command(job_path: str | Path, cfg: TrainConfig) -> list[str]:
+    """The command line that starts the training child(ren) on `job_path` (`train.launcher`)."""
+    main = ["-m", "policy.train_main", str(job_path)]
+    if cfg.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(cfg.processes), *main]
+    return [sys.executable, *main]
+
+
 def train_dpo_subprocess(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: str, out_dir: str,
                          cfg: TrainConfig) -> TrainResult:
-    """`train_dpo` in a fresh Python process (`python -m policy.train_main job.json`): the job, its
-    pairs and the child's result are temporary files next to `out_dir`. Raises RuntimeError with the
-    exit code and the end of the child's stderr if it fails; `out_dir` is then left as it was."""
+    """`train_dpo` in a fresh Python process (`python -m policy.train_main job.json`), or in
+    `cfg.processes` of them under torchrun (`train_command`): the job, its pairs and the child's result
+    are temporary files next to `out_dir` (with torchrun also a work folder the ranks share). Raises
+    RuntimeError with the exit code and the end of the child's stderr if it fails; `out_dir` is then
+    left as it was."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, job_name = tempfile.mkstemp(prefix=f".{out.name}.job-", suffix=".json", dir=out.parent)
     os.close(fd)
     job_path = Path(job_name)
     pairs_path, result_path = job_path.with_suffix(".pairs.jsonl"), job_path.with_suffix(".result.json")
+    work_path = job_path.with_suffix(".work") if cfg.launcher == "torchrun" else None
     try:
         with pairs_path.open("w", encoding="utf-8") as f:
             for pair in pairs:
                 f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-        write_json(job_path, {"pairs": str(pairs_path), "policy_path": str(policy_path), "ref_path": str(ref_path),
-                              "out_dir": str(out), "result": str(result_path), "cfg": asdict(cfg)})
+        job = {"pairs": str(pairs_path), "policy_path": str(policy_path), "ref_path": str(ref_path),
+               "out_dir": str(out), "result": str(result_path), "cfg": asdict(cfg)}
+        if work_path is not None:
+            work_path.mkdir()
+            job["work_dir"] = str(work_path)
+        write_json(job_path, job)
         log.info("DPO on %d pairs in a fresh process -> %s", len(pairs), out, extra=FILE_ONLY)
-        code, tail = _run_streaming([sys.executable, "-m", "policy.train_main", str(job_path)],
-                                    _child_env(cfg.malloc_reuse))
+        code, tail = _run_streaming(train_command(job_path, cfg), _child_env(cfg.malloc_reuse, cfg.processes))
         if code != 0:
             for stale in out.parent.glob(_temp_prefix(out) + "*"):  # left by a killed child
                 shutil.rmtree(stale, ignore_errors=True)
@@ -842,3 +973,5 @@ def train_dpo_subprocess(pairs: Sequence[dict[str, Any]], *, policy_path: str, r
     finally:
         for path in (job_path, pairs_path, result_path):
             path.unlink(missing_ok=True)
+        if work_path is not None:
+            shutil.rmtree(work_path, ignore_errors=True)

@@ -1,11 +1,13 @@
 """The fresh process that trains with DPO: `python -m policy.train_main <job.json>`.
 
 Started by `policy.dpo.train_dpo_subprocess`, which writes the job (pairs file, model paths, output
-folder, result file, config) and reads the result back; see `policy.dpo.run_job`.
+folder, result file, config) and reads the result back; see `policy.dpo.run_job`. Under torchrun
+(`train.launcher=torchrun`) one of these runs per rank; ranks other than 0 log warnings and errors only.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -17,7 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     from harness.console import quiet_console
 
     quiet_console()  # the terminal as the parent's; every record appended to the parent's log file
-    from policy.dpo import run_job
+    from policy.dpo import is_main_rank, run_job
+
+    if not is_main_rank():  # rank 0 speaks for all; the others only when something is wrong
+        logging.getLogger().setLevel(logging.WARNING)
 
     run_job(args[0])
     return 0

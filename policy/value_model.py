@@ -74,13 +74,16 @@ class ValueConfig:
     rounds_of_data: int = 1  # trees of this round and the rounds_of_data - 1 before it (ours)
     before_model: str = "none"  # search.value=model before any value model exists (round 0): none | self_eval
     search_batch: int = 16  # partial solutions per forward when the search asks the model (ours)
-    device: str = "auto"  # where the search runs the model: cpu | cuda | auto
+    device: str = "auto"  # where the search runs the model with engine=hf: cpu | cuda | auto
+    engine: str = "auto"  # what runs it in the search: hf | vllm (pooling runner) | auto: vllm on a CUDA GPU (ours)
     data: ValueDataConfig = field(default_factory=ValueDataConfig)  # targets and pairs (mcts/value_data.py)
     train: ValueTrainConfig = field(default_factory=ValueTrainConfig)  # losses and optimizer
 
     def __post_init__(self):
         if self.rounds_of_data < 1:
             raise ValueError(f"value.rounds_of_data={self.rounds_of_data}: must be >= 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"value.engine={self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.before_model not in ("none", "self_eval"):
             raise ValueError(f"value.before_model={self.before_model!r}: expected none or self_eval")
         check_losses(self.train)
@@ -364,6 +367,62 @@ class ValueModelEvaluator:
                                            batch_size=self.batch_size))
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
         return [Evaluation(score=float(s), prompt_tokens=n) for s, n in zip(scores.tolist(), lengths)]
+
+    def close(self) -> None:
+        self.model = None
+
+
+class VLLMValueEvaluator:
+    """The same Evaluator served by vLLM's pooling runner (`LLM(runner="pooling").classify`: sigmoid of
+    the last token's score, with prefix caching, so the shared prompt of a tree's nodes is computed
+    once). Holds its own engine next to the generation engine; `close()` frees it."""
+
+    def __init__(self, path: str | Path, prompt_text: Callable[[Any, tuple[str, ...]], str], cfg):
+        from policy.backends.vllm import VLLMBackend
+
+        class _PoolingBackend(VLLMBackend):
+            def _engine_args(self, model_path: str) -> dict[str, Any]:
+                args = super()._engine_args(model_path)
+                for key in ("max_logprobs", "logprobs_mode"):
+                    args.pop(key, None)
+                return {**args, "runner": "pooling"}
+
+        self.backend = _PoolingBackend(str(path), cfg)
+        self.prompt_text = prompt_text
+
+    def evaluate(self, requests: Sequence[EvalRequest]) -> list[Evaluation]:
+        texts = [self.prompt_text(r.problem, tuple(r.steps)) for r in requests]
+        if not texts:
+            return []
+        outputs = self.backend.llm.classify(texts, use_tqdm=False)
+        return [Evaluation(score=float(o.outputs.probs[0]), prompt_tokens=len(o.prompt_token_ids),
+                           cached_tokens=int(o.num_cached_tokens or 0)) for o in outputs]
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+ENGINES = ("auto", "hf", "vllm")
+"""value.engine: what runs the value model in the search (auto: vLLM on a CUDA GPU, else transformers)."""
+
+
+def make_value_evaluator(path: str | Path, prompt_text: Callable[[Any, tuple[str, ...]], str], *, engine: str,
+                         device: str, max_length: int, batch_size: int, backend_cfg=None):
+    """The search's value Evaluator for the model at `path`: transformers in this process ("hf"), or a
+    vLLM pooling engine ("vllm", configured like the generation backend `backend_cfg`)."""
+    if engine not in ENGINES:
+        raise ValueError(f"value.engine={engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        import importlib.util
+
+        import torch
+
+        engine = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    if engine == "vllm":
+        if backend_cfg is None:
+            raise ValueError("value.engine=vllm needs the backend settings to start its engine")
+        return VLLMValueEvaluator(path, prompt_text, backend_cfg)
+    return ValueModelEvaluator(path, prompt_text, device=device, max_length=max_length, batch_size=batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -406,8 +406,65 @@ def test_train_dpo_subprocess_end_to_end(pairs, tiny_model_dir, tmp_path):
     result = train_dpo_subprocess(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir),
                                   out_dir=str(out), cfg=TINY)
     assert result.steps == 2 and result.pairs == 8 and isinstance(result.loss_history, tuple)
+    assert result.processes == 1 and result.effective_batch == TINY.batch_size * TINY.grad_accum
     assert (out / "config.json").is_file() and (out / RESULT_FILE).is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["policy"]  # job, pairs and result files removed
+
+
+@pytest.mark.slow
+def test_train_dpo_under_torchrun_on_two_processes(pairs, tiny_model_dir, tmp_path):
+    """train.launcher=torchrun, processes=2: DDP over gloo on the CPU trains the tiny model; rank 0
+    saves one whole checkpoint and nothing else is left next to it."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "round_0" / "policy"
+    cfg = replace(TINY, launcher="torchrun", processes=2)
+    result = train_dpo_subprocess(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir),
+                                  out_dir=str(out), cfg=cfg)
+    assert result.processes == 2 and result.effective_batch == TINY.batch_size * TINY.grad_accum * 2
+    assert result.steps == 1 and result.pairs == 8  # 8 pairs, 4 per rank per step: one step per epoch
+    assert result.loss_history and all(math.isfinite(v) for v in result.loss_history)
+    assert math.isfinite(result.final_loss)
+    before, after = state_dict(tiny_model_dir), state_dict(out)
+    assert before.keys() == after.keys()
+    assert not all(bool((before[k] == after[k]).all()) for k in before)  # the weights moved
+    AutoModelForCausalLM.from_pretrained(str(out))
+    saved = json.loads((out / RESULT_FILE).read_text())
+    assert saved["processes"] == 2 and saved["config"]["launcher"] == "torchrun"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["policy"]  # job, work folder, temp folders gone
+
+
+def test_several_processes_need_torchrun():
+    with pytest.raises(ValueError, match=r"train\.processes=2.*train\.launcher"):
+        TrainConfig(processes=2)
+    with pytest.raises(ValueError, match="train.processes"):
+        TrainConfig(launcher="torchrun", processes=0)
+    with pytest.raises(ValueError, match="train.launcher"):
+        TrainConfig(launcher="mpirun")
+    cfg = TrainConfig(launcher="torchrun", processes=2, batch_size=4, grad_accum=3)
+    assert cfg.effective_batch == 24
+
+
+def test_launcher_command_lines(tmp_path):
+    import sys
+
+    from policy.dpo import train_command
+
+    job = tmp_path / "job.json"
+    assert train_command(job, TINY) == [sys.executable, "-m", "policy.train_main", str(job)]
+    assert train_command(job, replace(TINY, launcher="torchrun", processes=3)) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+        "-m", "policy.train_main", str(job)]
+
+
+def test_old_train_json_loads():
+    """A result written before `processes` and `effective_batch` existed still loads."""
+    from policy.dpo import result_from_dict
+
+    old = dict(final_loss=0.5, reward_margin=0.1, reward_accuracy=0.75, steps=2, pairs=8, tokens=100, seconds=1.0,
+               loss_history=[0.6, 0.5], mean_smoothing=0.2)
+    result = result_from_dict(old)
+    assert result.processes == 1 and result.effective_batch is None and result.loss_history == (0.6, 0.5)
 
 
 def test_failing_child_raises_and_leaves_nothing(pairs, tiny_model_dir, tmp_path):

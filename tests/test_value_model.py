@@ -98,3 +98,34 @@ def test_ranked_answer_plain_and_weighted():
     assert ranked_answer(answers, scores, same, "plain") == "3"  # the best sample with an answer
     assert ranked_answer(answers, scores, same, "weighted") == "4"  # 0.5 + 0.5 > 0.9
     assert ranked_answer([None, None], [0.1, 0.2], same, "plain") is None
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_pooling_serves_the_same_scores(tiny_model_dir, tmp_path):
+    """value.engine=vllm: vLLM's pooling runner scores the saved folder as transformers does."""
+    from conftest import vllm_available
+    from policy.backends import BackendConfig
+    from policy.value_model import make_value_evaluator
+
+    if not vllm_available():
+        pytest.skip("vllm is not installed")
+    out = tmp_path / "value"
+    train_value([(GOOD, 1.0), (BAD, 0.0)], [], base_path=str(tiny_model_dir), out_dir=str(out),
+                cfg=ValueTrainConfig(loss=("bce",), epochs=1, batch_size=2, max_length=64, device="cpu"))
+    problem = Problem(id="p", question="3 + 4?", answer="7")
+    text = lambda p, steps: "Question: " + p.question + "\nStep: " + " ".join(steps)  # noqa: E731
+    requests = [EvalRequest(problem, ("3 + 4 = 7.",)), EvalRequest(problem, ("3 + 4 = 9.",)), EvalRequest(problem, ())]
+    hf = make_value_evaluator(out, text, engine="hf", device="cpu", max_length=64, batch_size=4)
+    served = make_value_evaluator(out, text, engine="vllm", device="cpu", max_length=64, batch_size=4,
+                                  backend_cfg=BackendConfig(name="vllm", dtype="float32", max_model_len=256,
+                                                            gpu_memory_utilization=0.05))
+    try:
+        a, b = hf.evaluate(requests), served.evaluate(requests)
+    finally:
+        served.close()
+    assert [x.prompt_tokens for x in a] == [x.prompt_tokens for x in b]
+    for x, y in zip(a, b):
+        assert x.score == pytest.approx(y.score, abs=2e-3)
+    with pytest.raises(ValueError, match="value.engine='tpu'"):
+        make_value_evaluator(out, text, engine="tpu", device="cpu", max_length=64, batch_size=4)
