@@ -52,7 +52,8 @@ class ValueTrainConfig:
     loss_weights: tuple[float, ...] | None = None  # one weight per loss; None: 1 each (ours)
     learning_rate: float = 2e-5  # AdamW step size (ours; rStar-Math's PPM trains at 7e-6 on 7B)
     epochs: int = 2  # passes over the round's examples and pairs (ours)
-    batch_size: int = 8  # texts per optimizer step, examples and pair sides together (ours)
+    batch_size: int = 8  # items (examples and pairs) per optimizer step (ours)
+    micro_batch: int = 2  # items per forward; gradients accumulate over the step (memory only, ours)
     max_length: int = 768  # tokens per text; longer ones keep their end, where the value is read (ours)
     weight_decay: float = 0.0  # AdamW weight decay (ours)
     seed: int = 0  # data order and head initialisation (ours)
@@ -173,7 +174,8 @@ def load_value_model(path: str | Path, *, dtype: str = "float32", device: str = 
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "left"  # keep the end of the text: the value is read there
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype),
+                                                               attn_implementation="sdpa")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
 
@@ -230,11 +232,10 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
     with tqdm(total=cfg.epochs * math.ceil(len(items) / per_batch), desc="value", unit="step", leave=False) as bar:
         for _ in range(cfg.epochs):
             for batch in _batches(items, per_batch, rng):
-                loss = _batch_loss(model, tokenizer, batch, point, pair, cfg)
                 optimizer.zero_grad()
-                loss.backward()
+                loss = _accumulate(model, tokenizer, batch, point, pair, cfg)
                 optimizer.step()
-                history.append(float(loss.detach()))
+                history.append(loss)
                 log.info("value step %d: loss %.4f", len(history), history[-1], extra=FILE_ONLY)
                 bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
                 bar.update(1)
@@ -254,25 +255,40 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
     return result
 
 
-def _batch_loss(model, tokenizer, batch, point, pair, cfg: ValueTrainConfig):
-    """The weighted losses of one batch: point losses over its examples, pair losses over its pairs
-    (both sides of every pair scored in the same forward as the examples)."""
+def _accumulate(model, tokenizer, batch, point, pair, cfg: ValueTrainConfig) -> float:
+    """Backpropagate one optimizer step's weighted losses in micro-batches of `cfg.micro_batch` items
+    (an example, or a pair with its two sides): point losses are means over the step's examples, pair
+    losses over its pairs, so the gradient is the full batch's whatever the micro-batch. Returns the loss."""
+    n_point = sum(kind == "point" for kind, _ in batch)
+    n_pair = len(batch) - n_point
+    total = 0.0
+    for start in range(0, len(batch), max(1, cfg.micro_batch)):
+        loss = _chunk_loss(model, tokenizer, batch[start:start + max(1, cfg.micro_batch)], point, pair, cfg,
+                           n_point, n_pair)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _chunk_loss(model, tokenizer, chunk, point, pair, cfg: ValueTrainConfig, n_point: int, n_pair: int):
+    """The weighted losses of a micro-batch, summed per item and divided by the step's item counts (both
+    sides of every pair scored in the same forward as the examples)."""
     import torch
 
-    examples = [e for kind, e in batch if kind == "point"]
-    pairs = [p for kind, p in batch if kind == "pair"]
+    examples = [e for kind, e in chunk if kind == "point"]
+    pairs = [p for kind, p in chunk if kind == "pair"]
     texts = [t for t, _ in examples] + [c for c, _ in pairs] + [r for _, r in pairs]
     scores = score_texts(model, tokenizer, texts, max_length=cfg.max_length, batch_size=len(texts), grad=True)
     total = scores.new_zeros(())
     if examples:
         target = torch.tensor([y for _, y in examples], dtype=scores.dtype, device=scores.device)
         for name, weight in point:
-            total = total + weight * LOSSES[name][1](scores[:len(examples)], target).mean()
+            total = total + weight * LOSSES[name][1](scores[:len(examples)], target).sum() / n_point
     if pairs:
         chosen = scores[len(examples):len(examples) + len(pairs)]
         rejected = scores[len(examples) + len(pairs):]
         for name, weight in pair:
-            total = total + weight * LOSSES[name][1](chosen, rejected).mean()
+            total = total + weight * LOSSES[name][1](chosen, rejected).sum() / n_pair
     return total
 
 

@@ -129,3 +129,22 @@ def test_vllm_pooling_serves_the_same_scores(tiny_model_dir, tmp_path):
         assert x.score == pytest.approx(y.score, abs=2e-3)
     with pytest.raises(ValueError, match="value.engine='tpu'"):
         make_value_evaluator(out, text, engine="tpu", device="cpu", max_length=64, batch_size=4)
+
+
+@pytest.mark.slow
+def test_micro_batches_give_the_full_batch_step(tiny_model_dir, tmp_path):
+    """value.train.micro_batch changes memory only: the same losses and weights as one forward per step."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    examples, pairs = [(GOOD, 1.0), (BAD, 0.0), (GOOD + " Yes.", 0.5)], [(GOOD, BAD)]
+    results, models = [], []
+    for micro in (1, 4):
+        cfg = ValueTrainConfig(loss=("bce", "bt_dr"), epochs=2, batch_size=4, micro_batch=micro, max_length=64,
+                               learning_rate=1e-3, device="cpu")
+        out = tmp_path / f"micro{micro}"
+        results.append(train_value(examples, pairs, base_path=str(tiny_model_dir), out_dir=str(out), cfg=cfg))
+        models.append(AutoModelForSequenceClassification.from_pretrained(out))
+    assert results[0].loss_history == pytest.approx(results[1].loss_history, rel=1e-4)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
