@@ -98,7 +98,7 @@ def search_evaluator(s: Settings, run_dir: Path, k: int, policy: StepPolicy, for
                  s.value.before_model)
         return policy, replace(s.search, value=s.value.before_model), None
     log.info("round %d search: new children are scored by the value model %s", k, path)
-    evaluator = make_value_evaluator(path, formatter.solution_prompt, engine=s.value.engine, device=s.value.device,
+    evaluator = make_value_evaluator(path, formatter.value_prompt, engine=s.value.engine, device=s.value.device,
                                      max_length=s.value.train.max_length, batch_size=s.value.search_batch,
                                      backend_cfg=engine_config(s))
     return evaluator, s.search, str(path)
@@ -186,7 +186,7 @@ def value_phase(s: Settings, rd: RoundDir, k: int, policy_path: str, engine: Eng
         return {"skipped": True, **stats}
 
     def text(pid: str, question: str, steps: tuple[str, ...]) -> str:
-        return formatter.solution_prompt(Problem(id=pid, question=question, answer=""), tuple(steps))
+        return formatter.value_prompt(Problem(id=pid, question=question, answer=""), tuple(steps))
 
     point = [(text(e.problem_id, e.question, e.steps), e.target) for e in examples]
     sides = [(text(p.problem_id, p.question, p.chosen_steps), text(p.problem_id, p.question, p.rejected_steps))

@@ -131,7 +131,7 @@ def value_evaluator(cfg: EvalConfig, formatter: PromptFormatter, search: SearchC
 
     if not value_complete(cfg.value_model):
         raise ValueError(f"eval.value_model={cfg.value_model}: not a finished value model (no value_result.json)")
-    return ValueModelEvaluator(cfg.value_model, formatter.solution_prompt)
+    return ValueModelEvaluator(cfg.value_model, formatter.value_prompt)
 
 
 def _chunks(items: list, size: int):

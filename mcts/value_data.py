@@ -33,6 +33,7 @@ of the best and the worst sibling. Pairs of one tree are in parent id order.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -60,6 +61,7 @@ class ValueDataConfig:
     pair_margin: float = 0.5  # least target gap between chosen and rejected sibling (rStar-Math's step margin)
     max_pairs_per_parent: int = 1  # pairs kept per parent, largest gap first; 1 = best vs worst sibling; 0 = all
     include_root: bool = False  # also make the root (empty partial solution) an example (ours)
+    max_examples_per_tree: int = 8  # a sample of this many, seeded by the problem id; 0: all (ours: CPU cost)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -70,6 +72,8 @@ class ValueDataConfig:
             raise ValueError(f"value.pair_margin={self.pair_margin}: must be >= 0")
         if self.max_pairs_per_parent < 0:
             raise ValueError(f"value.max_pairs_per_parent={self.max_pairs_per_parent}: must be >= 0 (0 = no cap)")
+        if self.max_examples_per_tree < 0:
+            raise ValueError(f"value.max_examples_per_tree={self.max_examples_per_tree}: must be >= 0 (0 = all)")
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,11 @@ def _examples_by_id(tree: Tree, config: ValueDataConfig, counts: Counts) -> dict
 def value_examples(tree: Tree, config: ValueDataConfig = ValueDataConfig()) -> list[ValueExample]:
     """The tree's value-model examples, in node id order (the root only with `include_root`)."""
     examples = _examples_by_id(tree, config, terminal_counts(tree))
-    return [e for i, e in sorted(examples.items()) if config.include_root or i != ROOT]
+    kept = [e for i, e in sorted(examples.items()) if config.include_root or i != ROOT]
+    if config.max_examples_per_tree and len(kept) > config.max_examples_per_tree:
+        chosen = random.Random(tree.problem.id).sample(range(len(kept)), config.max_examples_per_tree)
+        kept = [kept[i] for i in sorted(chosen)]
+    return kept
 
 
 def _parent_pairs(tree: Tree, parent: Node, examples: dict[int, ValueExample],

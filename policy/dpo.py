@@ -111,8 +111,8 @@ class TrainConfig:
     beta: DPO's beta, the strength of the pull towards the reference model.
     learning_rate: AdamW peak learning rate.
     epochs: passes over the round's pairs.
-    batch_size: pairs per device per step (each pair is two sequences).
-    grad_accum: gradient accumulation steps (effective batch = batch_size * grad_accum).
+    batch_size: pairs per device (process) per step (each pair is two sequences).
+    grad_accum: gradient accumulation steps (effective batch = batch_size * grad_accum * processes).
     max_length: tokens per prompt+completion sequence; longer ones lose their end (TRL keep_start);
         a pair whose prompt alone fills it is dropped.
     warmup_ratio: share of the optimizer steps spent warming up the learning rate (0 <= r < 1).
@@ -959,12 +959,18 @@ def train_dpo_subprocess(pairs: Sequence[dict[str, Any]], *, policy_path: str, r
                 f.write(json.dumps(pair, ensure_ascii=False) + "\n")
         job = {"pairs": str(pairs_path), "policy_path": str(policy_path), "ref_path": str(ref_path),
                "out_dir": str(out), "result": str(result_path), "cfg": asdict(cfg)}
+        env = _child_env(cfg.malloc_reuse, cfg.processes)
         if work_path is not None:
-            work_path.mkdir()
+            (work_path / "tmp").mkdir(parents=True)
             job["work_dir"] = str(work_path)
+            env["TMPDIR"] = str(work_path / "tmp")  # torchrun's log folder, the ranks' scratch: removed below
         write_json(job_path, job)
-        log.info("DPO on %d pairs in a fresh process -> %s", len(pairs), out, extra=FILE_ONLY)
-        code, tail = _run_streaming(train_command(job_path, cfg), _child_env(cfg.malloc_reuse, cfg.processes))
+        if cfg.launcher == "torchrun":
+            log.info("DPO on %d pairs in %d fresh processes (torchrun) -> %s", len(pairs), cfg.processes, out,
+                     extra=FILE_ONLY)
+        else:
+            log.info("DPO on %d pairs in a fresh process -> %s", len(pairs), out, extra=FILE_ONLY)
+        code, tail = _run_streaming(train_command(job_path, cfg), env)
         if code != 0:
             for stale in out.parent.glob(_temp_prefix(out) + "*"):  # left by a killed child
                 shutil.rmtree(stale, ignore_errors=True)

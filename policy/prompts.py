@@ -72,6 +72,14 @@ class PromptFormatter:
         sep = self.cfg.step_separator
         return self.question_prompt(problem) + "".join(step + sep for step in steps)
 
+    def value_prompt(self, problem: Problem, steps: tuple[str, ...]) -> str:
+        """What the learned value model reads (policy/value_model.py): the question and the steps so far
+        in the chat format, without the task's worked examples, which every text would repeat (a
+        transformers forward has no prefix cache) and which say nothing about this partial solution."""
+        sep = self.cfg.step_separator
+        head = self._chat([{"role": "user", "content": self.task.user_message(problem)}])
+        return head + "".join(step + sep for step in steps)
+
     def eval_prompt(self, problem: Problem, steps: tuple[str, ...], *, with_reference: bool) -> str:
         reference = self.cfg.eval_reference.format(answer=problem.answer) if with_reference else ""
         body = self.cfg.eval_template.format(

@@ -8,6 +8,7 @@ folder, result file, config) and reads the result back; see `policy.dpo.run_job`
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -23,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not is_main_rank():  # rank 0 speaks for all; the others only when something is wrong
         logging.getLogger().setLevel(logging.WARNING)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: a failure's traceback goes into its summary
+        from torch.distributed.elastic.multiprocessing.errors import record
 
-    run_job(args[0])
+        record(run_job)(args[0])
+    else:
+        run_job(args[0])
     return 0
 
 

@@ -29,6 +29,9 @@ from mcts.value_data import (
 PROBLEM = Problem("p1", "Tom has 2 apples and buys 3. How many?", "5")
 
 
+ALL = ValueDataConfig(max_examples_per_tree=0)  # every example, no sample
+
+
 def stats(node, visits: int, q: float) -> None:
     node.visits, node.value_sum = visits, q * visits
 
@@ -92,7 +95,7 @@ def test_unvalidated_terminal_is_not_counted():
 
 
 def test_soft_targets_are_shares_of_correct_terminals():
-    examples = value_examples(build())
+    examples = value_examples(build(), ALL)
     assert targets(examples) == pytest.approx({1: 2 / 3, 2: 0.0, 4: 1.0, 5: 1.0, 6: 0.0, 8: 1.0, 9: 0.0, 10: 0.0,
                                                11: 1.0})
     assert [e.node_id for e in examples] == sorted(e.node_id for e in examples)
@@ -103,15 +106,16 @@ def test_soft_targets_are_shares_of_correct_terminals():
 
 
 def test_hard_targets_are_any_correct():
-    got = targets(value_examples(build(), ValueDataConfig(target="hard")))
+    got = targets(value_examples(build(), ValueDataConfig(target="hard", max_examples_per_tree=0)))
     assert got == {1: 1.0, 2: 0.0, 4: 1.0, 5: 1.0, 6: 0.0, 8: 1.0, 9: 0.0, 10: 0.0, 11: 1.0}
 
 
 def test_q_targets_map_q_to_unit_interval():
-    got = targets(value_examples(build(), ValueDataConfig(target="q")))
+    got = targets(value_examples(build(), ValueDataConfig(target="q", max_examples_per_tree=0)))
     assert got == pytest.approx({1: 0.75, 2: 0.0, 4: 1.0, 5: 1.0, 6: 0.0, 8: 0.8, 9: 0.0, 10: 0.0, 11: 1.0})
     # min_terminals=0: nodes with no validated terminal below become examples too, with their Q
-    got = targets(value_examples(build(), ValueDataConfig(target="q", min_terminals=0, include_root=True)))
+    config = ValueDataConfig(target="q", min_terminals=0, include_root=True, max_examples_per_tree=0)
+    got = targets(value_examples(build(), config))
     assert got == pytest.approx({0: 0.55, 1: 0.75, 2: 0.0, 3: 0.6, 4: 1.0, 5: 1.0, 6: 0.0, 7: 0.5, 8: 0.8, 9: 0.0,
                                  10: 0.0, 11: 1.0})
 
@@ -208,7 +212,7 @@ def test_examples_from_trees_and_summary():
     other = Tree(Problem("p2", "2+2?", "4"))
     stats(other.add_child(ROOT, text="4", terminal=True, outcome=1.0), 1, 1.0)
     stats(other.add_child(ROOT, text="5", terminal=True, outcome=-1.0), 1, -1.0)
-    examples, pairs = examples_from_trees([build(), other])
+    examples, pairs = examples_from_trees([build(), other], ALL)
     assert [e.problem_id for e in examples] == ["p1"] * 9 + ["p2"] * 2
     assert pair_ids(pairs) == [(0, 4, 2), (1, 5, 6), (0, 1, 2)] and pairs[-1].problem_id == "p2"
     s = summary(examples, pairs)
@@ -259,3 +263,18 @@ def test_readers_reject_bad_rows(tmp_path):
 def test_config_rejects_bad_values(kw):
     with pytest.raises(ValueError):
         ValueDataConfig(**kw)
+
+
+def test_max_examples_per_tree_samples_reproducibly():
+    """value.data.max_examples_per_tree caps a tree's examples by a sample seeded by the problem id;
+    pairs are drawn from every example whatever the cap."""
+    tree = build()
+    full = value_examples(tree, ALL)
+    capped = value_examples(tree, ValueDataConfig(max_examples_per_tree=2))
+    assert len(full) > 2 and len(capped) == 2
+    assert set(e.node_id for e in capped) <= set(e.node_id for e in full)
+    assert capped == value_examples(tree, ValueDataConfig(max_examples_per_tree=2))
+    assert [e.node_id for e in capped] == sorted(e.node_id for e in capped)
+    assert value_pairs(tree, ValueDataConfig(max_examples_per_tree=2)) == value_pairs(tree, ValueDataConfig())
+    with pytest.raises(ValueError, match="max_examples_per_tree"):
+        ValueDataConfig(max_examples_per_tree=-1)
