@@ -178,3 +178,18 @@ def test_value_model_round_trip(tiny_model_dir, tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("value/examples") == result["examples"] for m in metrics)
     assert "round 0 value:" in proc.stdout + proc.stderr
+
+    # Resume: the same command redoes nothing; with round 1 gone it searches round 1 again with the
+    # value model on disk, to the same trees.
+    trained = (r0 / "value" / "value_result.json").stat().st_mtime_ns
+    before = (r1 / "trees.jsonl").read_bytes()
+    again = run_py("iterate.py", *proc.args[2:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (r0 / "value" / "value_result.json").stat().st_mtime_ns == trained
+    import shutil
+
+    shutil.rmtree(r1)
+    resumed = run_py("iterate.py", *proc.args[2:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (r0 / "value" / "value_result.json").stat().st_mtime_ns == trained
+    assert (r1 / "trees.jsonl").read_bytes() == before

@@ -337,3 +337,30 @@ def test_search_value_setting():
     assert SearchConfig(value="model", self_eval=True).value == "model"
     with pytest.raises(ValueError, match="search.value='learned'"):
         SearchConfig(value="learned")
+
+
+class _ConstantValue:
+    """An evaluator with no signal: every partial solution scores 0.5."""
+
+    def evaluate(self, requests):
+        from mcts.types import Evaluation
+
+        return [Evaluation(0.5) for _ in requests]
+
+
+def test_an_informative_value_reaches_the_correct_path_in_fewer_simulations():
+    """Issue 18: a value evaluator that tells correct partial solutions from wrong ones (the fake's scores,
+    as a learned value model would give) steers the search, without gold, to the correct answer within a
+    budget where a constant value mostly does not (measured: 26 of 30 trees against 10)."""
+    import random
+
+    rng = random.Random(0)
+    problems = [sum_problem([rng.randint(1, 9) for _ in range(4)], pid=f"v{i}") for i in range(30)]
+    policy = FakePolicy(p_right=0.4, noise=0.05, right_score=0.9, wrong_score=0.1)
+    config = SearchConfig(simulations=6, batch_trees=8, breadth_root=4, breadth=4, max_depth=5, use_outcome=False,
+                          value="model")
+    found = {}
+    for name, evaluator in (("informed", policy), ("constant", _ConstantValue())):
+        trees = run_search(problems, expander=policy, evaluator=evaluator, verifier=policy, config=config, seed=7)
+        found[name] = sum(any(n.terminal and policy.is_correct(n.answer, t.problem) for n in t.nodes) for t in trees)
+    assert found["informed"] >= found["constant"] + 10, found
