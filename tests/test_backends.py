@@ -193,6 +193,45 @@ def test_cpu_threads_bind_setting():
     assert cpu_threads_bind("all", tensor_parallel_size=2) is None  # several ranks: vLLM splits the cores
 
 
+def test_engine_core_setting():
+    from policy.backends.vllm import engine_inline, inline_kv_cache_bytes
+
+    assert engine_inline("auto", is_cpu=True) and not engine_inline("auto", is_cpu=False)
+    assert engine_inline("inline", is_cpu=False) and not engine_inline("process", is_cpu=True)
+    with pytest.raises(BackendError, match="backend.engine_core"):
+        BackendConfig(name="vllm", engine_core="thread")
+    assert inline_kv_cache_bytes(0.5, total=8 * 2**30, weights=2**30) == 3 * 2**30
+    with pytest.raises(BackendError, match="gpu_memory_utilization=0.1"):
+        inline_kv_cache_bytes(0.1, total=2**30, weights=2**30)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
+def test_vllm_cpu_engines_repeat_their_samples_from_their_seed(tiny_model_dir):
+    """The CPU engine core runs inline (backend.engine_core=auto): no engine process, and a fresh engine
+    with the same seed samples the same texts for the same call, here built while the first still holds
+    its KV cache in this process; closing puts torch.set_num_threads back."""
+    import torch
+
+    from policy.backends.vllm import torch_set_num_threads
+
+    settings = SamplingSettings(n=4, temperature=1.0, max_tokens=24)
+    prompts = [f"Question {i}: what is {i} + {i}?" for i in range(24)]
+    engines, samples = [], []
+    try:
+        for _ in range(2):  # inline engines draw from the process's torch generator, seeded as each is built
+            engines.append(make_backend(tiny_config("vllm"), str(tiny_model_dir)))
+            assert engines[-1].inline and not engines[-1].engine_pids
+            samples.append([[s.text for s in c.samples] for c in engines[-1].sample(prompts, settings)])
+    finally:
+        for e in engines:
+            e.close()
+    first, second = samples
+    assert first == second
+    assert len({t for c in first for t in c}) > 24  # sampled, not one text repeated
+    assert torch.set_num_threads is torch_set_num_threads()
+
+
 # ---- devices and dtypes ---------------------------------------------------------------------------
 
 

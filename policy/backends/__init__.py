@@ -27,6 +27,7 @@ from policy.backends.base import (
 from policy.models import check_device
 
 BACKEND_NAMES = ("vllm", "hf")
+ENGINE_CORE_MODES = ("auto", "inline", "process")
 
 
 class BackendError(RuntimeError):
@@ -59,6 +60,11 @@ class BackendConfig:
         applied only when that variable is unset). "all": every core this process may run on; "auto":
         vLLM's own choice, which reserves one core for its scheduler (half of a 2-core machine); or an
         explicit list such as "0-3". Ignored on GPUs.
+    engine_core: vLLM: where the engine core runs. "inline": in the calling process
+        (VLLM_ENABLE_V1_MULTIPROCESSING=0); "process": in a process of its own (vLLM's default);
+        "auto": inline on the CPU, a process of its own on a GPU. On the CPU, inline made sampling
+        repeat exactly from the engine seed and ran faster (docs/notes.md); on a GPU the separate
+        process overlaps scheduling with the device's work.
     """
 
     name: str = "hf"
@@ -75,6 +81,7 @@ class BackendConfig:
     choice_top_logprobs: int = 20
     sort_prompts: bool = True
     cpu_threads: str = "all"
+    engine_core: str = "auto"
 
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:
@@ -85,6 +92,9 @@ class BackendConfig:
             raise BackendError(str(exc)) from None
         if self.max_batch_size < 1:
             raise BackendError(f"backend.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.engine_core not in ENGINE_CORE_MODES:
+            raise BackendError(f"backend.engine_core must be one of {', '.join(ENGINE_CORE_MODES)}, "
+                               f"got {self.engine_core!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise BackendError(f"backend.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -112,6 +122,6 @@ def make_backend(cfg: BackendConfig, model_path: str) -> Backend:
 
 
 __all__ = [
-    "BACKEND_NAMES", "Backend", "BackendConfig", "BackendError", "ChoiceResult", "Completion",
+    "BACKEND_NAMES", "ENGINE_CORE_MODES", "Backend", "BackendConfig", "BackendError", "ChoiceResult", "Completion",
     "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Sample", "SamplingSettings", "Usage", "check_seeds", "make_backend",
 ]

