@@ -51,6 +51,38 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def replace_dir(new: Path, out: Path) -> None:
+    """Rename the finished folder `new` (beside `out`) to `out`, with the permissions a plain mkdir would
+    give (mkdtemp makes it private). An older `out` is moved aside first and deleted after, so `out` is
+    never a half-written folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(new, 0o777 & ~mask)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+@contextlib.contextmanager
+def publish_dir(out: Path) -> Iterator[Path]:
+    """The project's one way to write a folder atomically: yields an empty temporary folder beside `out`
+    (`.<name>.tmp-*`, which `remove_stale_temps` deletes after a crash) to build in; when the block ends
+    without error it replaces `out` (`replace_dir`); on an error it is deleted and `out` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """`obj` as indented JSON, atomically (write_text_atomic)."""
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")

@@ -768,13 +768,9 @@ def _summarize(log_history: list[dict[str, Any]], *, epochs: int) -> dict[str, A
 def _replace_dir(new: Path, out: Path) -> None:
     """Rename the finished folder `new` to `out`, replacing an older `out` (a finished checkpoint whose
     train.json was not written before an interruption)."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
+    from harness.rundir import replace_dir
+
+    replace_dir(new, out)
 
 
 def _temp_prefix(out: Path) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from harness.console import FILE_ONLY
-from harness.rundir import write_json_atomic
+from harness.rundir import publish_dir, write_json_atomic
 from mcts.jsonl import read_jsonl
 from mcts.value_data import ValueDataConfig
 from mcts.types import EvalRequest, Evaluation
@@ -293,18 +293,10 @@ def _chunk_loss(model, tokenizer, chunk, point, pair, cfg: ValueTrainConfig, n_p
 
 
 def _save(model, tokenizer, out: Path, result: ValueTrainResult) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with publish_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / RESULT_FILE, asdict(result))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def value_complete(path: str | Path) -> bool:

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from harness.compute import inference_flops, phase_record, training_flops, InferenceCost
 from harness.config import ConfigError, build
 from harness.evaluation import majority_vote, slice_problems, wilson_interval
-from harness.rundir import truncate_partial_line, write_json_atomic
+from harness.rundir import publish_dir, remove_stale_temps, truncate_partial_line, write_json_atomic
 from mcts.types import Problem
 
 
@@ -73,6 +75,28 @@ def test_truncate_partial_line(tmp_path):
     write_json_atomic(tmp_path / "x.json", {"k": [1, 2]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"k": [1, 2]}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_publish_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "round_0" / "value"
+    with publish_dir(out) as tmp:
+        assert tmp.parent == out.parent and tmp.name.startswith(".value.tmp-") and not out.exists()
+        (tmp / "a.txt").write_text("first")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # as mkdir makes it, not private like mkdtemp
+    with publish_dir(out) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert [p.name for p in out.iterdir()] == ["b.txt"]  # the older folder is replaced, not merged
+    with pytest.raises(RuntimeError, match="half-way"):
+        with publish_dir(out) as tmp:
+            (tmp / "c.txt").write_text("third")
+            raise RuntimeError("half-way")
+    assert [p.name for p in out.iterdir()] == ["b.txt"]  # a failed build leaves the old folder
+    assert [p.name for p in out.parent.iterdir()] == ["value"]  # and no temporary behind
+    (out.parent / ".value.tmp-crashed").mkdir()  # what a killed build leaves: the next run removes it
+    assert [p.name for p in remove_stale_temps(tmp_path)] == [".value.tmp-crashed"]
 
 
 def test_accuracy_by_difficulty_from_generated_ids():
