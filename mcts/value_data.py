@@ -32,7 +32,6 @@ of the best and the worst sibling. Pairs of one tree are in parent id order.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,52 +280,42 @@ def pair_from_json(d: dict[str, Any]) -> ValuePair:
                      question=str(d.get("question", "")))
 
 
-def _from_row(row: dict[str, Any]) -> ValueExample | ValuePair:
+def _from_row(row: dict[str, Any], where: str) -> ValueExample | ValuePair:
+    """One value.jsonl row as an example or a pair; a malformed row (another kind, a missing key, a value of
+    the wrong type) raises ValueError naming `where` (the file and line, or the row's position)."""
     kind = row.get("kind")
-    if kind == "example":
-        return example_from_json(row)
-    if kind == "pair":
-        return pair_from_json(row)
-    raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    try:
+        if kind == "example":
+            return example_from_json(row)
+        if kind == "pair":
+            return pair_from_json(row)
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: malformed value line: {exc!r}") from exc
 
 
-def examples_from_json(rows: Iterable[dict[str, Any]]) -> tuple[list[ValueExample], list[ValuePair]]:
-    """Split value.jsonl rows into (examples, pairs), each in file order; a row of another kind, or
-    one missing a key, raises ValueError naming its position (0-based)."""
+def _split(located: Iterable[tuple[str, dict[str, Any]]]) -> tuple[list[ValueExample], list[ValuePair]]:
+    """(examples, pairs) from (where, row) items, each kind in the rows' order."""
     examples: list[ValueExample] = []
     pairs: list[ValuePair] = []
-    for index, row in enumerate(rows):
-        try:
-            item = _from_row(row)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"value row {index}: {exc!r}") from exc
+    for where, row in located:
+        item = _from_row(row, where)
         (examples if isinstance(item, ValueExample) else pairs).append(item)
     return examples, pairs
 
 
-def value_rows(examples: Iterable[ValueExample], pairs: Iterable[ValuePair]) -> list[dict[str, Any]]:
-    """The lines of a value.jsonl as dicts: the examples, then the pairs."""
-    return [example_to_json(e) for e in examples] + [pair_to_json(p) for p in pairs]
-
-
-def write_value_data(path: str | Path, examples: Iterable[ValueExample], pairs: Iterable[ValuePair]) -> int:
-    """Write value.jsonl (examples, then pairs; not atomic, like `mcts.pairs.write_pairs`); returns
-    the number of lines written."""
-    rows = value_rows(examples, pairs)
-    with Path(path).open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(rows)
+def examples_from_json(rows: Iterable[dict[str, Any]]) -> tuple[list[ValueExample], list[ValuePair]]:
+    """Split value.jsonl rows into (examples, pairs), each in file order; a malformed row raises ValueError
+    naming its position (0-based)."""
+    return _split((f"value row {index}", row) for index, row in enumerate(rows))
 
 
 def read_value_data(path: str | Path) -> tuple[list[ValueExample], list[ValuePair]]:
     """Read value.jsonl into (examples, pairs); a malformed line raises ValueError naming file and line."""
-    examples: list[ValueExample] = []
-    pairs: list[ValuePair] = []
-    for number, row in iter_jsonl(path):
-        try:
-            item = _from_row(row)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}:{number}: malformed value line: {exc!r}") from exc
-        (examples if isinstance(item, ValueExample) else pairs).append(item)
-    return examples, pairs
+    return _split((f"{path}:{number}", row) for number, row in iter_jsonl(path))
+
+
+def value_rows(examples: Iterable[ValueExample], pairs: Iterable[ValuePair]) -> list[dict[str, Any]]:
+    """The lines of a value.jsonl as dicts (the examples, then the pairs), for an atomic JSONL writer
+    (the loop's is harness/rundir.write_jsonl_atomic)."""
+    return [example_to_json(e) for e in examples] + [pair_to_json(p) for p in pairs]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from harness.rundir import write_jsonl_atomic
 from mcts.tree import ROOT, Tree
 from mcts.types import Problem
 from mcts.value_data import (
@@ -23,7 +24,7 @@ from mcts.value_data import (
     terminal_counts,
     value_examples,
     value_pairs,
-    write_value_data,
+    value_rows,
 )
 
 PROBLEM = Problem("p1", "Tom has 2 apples and buys 3. How many?", "5")
@@ -233,7 +234,7 @@ def test_json_round_trip(tmp_path):
     assert all(pair_from_json(pair_to_json(p)) == p for p in pairs)
     assert examples_from_json(rows[::-1]) == (examples[::-1], pairs[::-1])
     path = tmp_path / "value.jsonl"
-    assert write_value_data(path, examples, pairs) == len(examples) + len(pairs)
+    write_jsonl_atomic(path, value_rows(examples, pairs))  # as the loop writes it
     assert read_value_data(path) == (examples, pairs)
     first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
     assert first["kind"] == "example" and first["steps"] == ["A"] and first["target"] == pytest.approx(2 / 3)
@@ -248,13 +249,17 @@ def test_tree_json_round_trip_gives_same_data():
 
 
 def test_readers_reject_bad_rows(tmp_path):
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="row 0: malformed value line.*kind='other'"):
         examples_from_json([{"kind": "other"}])
-    with pytest.raises(ValueError, match="row 1"):
+    with pytest.raises(ValueError, match="row 1: malformed value line: KeyError"):
         examples_from_json([example_to_json(value_examples(build())[0]), {"kind": "pair", "problem_id": "p"}])
     path = tmp_path / "value.jsonl"
-    path.write_text(json.dumps({"kind": "example", "problem_id": "p"}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="value.jsonl:1"):
+    good = json.dumps(example_to_json(value_examples(build())[0]))
+    path.write_text(good + "\n\n" + json.dumps({"kind": "example", "problem_id": "p"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="value.jsonl:3: malformed value line: KeyError"):  # blank line 2 counted
+        read_value_data(path)
+    path.write_text(good + "\n" + json.dumps({"kind": "rating"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="value.jsonl:2: malformed value line.*kind='rating'"):
         read_value_data(path)
 
 
