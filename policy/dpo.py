@@ -52,6 +52,21 @@ a barrier until rank 0 has saved. The pairs' dataset is a file in the job's `wor
 dataset each process would look for it under a random name of its own). With `shared_prompt` the
 policy's forward takes TRL's plain path under DDP (the packed forward would go around DDP's gradient
 all-reduce); the reference precompute, which has no gradients, stays packed.
+
+Under accelerate (`train.launcher=accelerate`, `train.accelerate_config=<file>`): the child is started as
+`accelerate launch --config_file <file> --num_processes N -m policy.train_main job.json`, and the file's
+`distributed_type` names the engine (`ENGINES`): MULTI_GPU is the same DDP as torchrun's (it runs on the
+CPU too: accelerate's launcher starts torchrun, and the ranks use gloo), FSDP and DEEPSPEED shard the
+parameters (FSDP, ZeRO-3) or the optimizer state (ZeRO-1/2) over the ranks. `accelerate_problem` refuses,
+when the config is built, what cannot run anywhere: LoRA with a sharded engine (merging the adapter needs
+the whole weights), a precision in the file (train.dtype and train.autocast set it), several machines,
+a sharded engine with train.device=cpu. `launch_problem` refuses, before the child starts, what cannot
+run on this machine: DeepSpeed not installed, FSDP or DeepSpeed without a CUDA GPU (accelerate 1.16 would
+make the ranks plain DDP and drop the plugin; never a silent fall-back, and the trainer checks it runs
+the engine asked for: `engine_mismatch`). Under a sharded engine `shared_prompt` is
+off (its packed forward reads the LM head's weight outside the module's forward, where FSDP and ZeRO-3
+have not gathered it), the ranks' weights are not compared (each holds its own shard), and the
+checkpoint is gathered from every rank (accelerate's `get_state_dict`) and written by rank 0.
 """
 
 from __future__ import annotations
@@ -90,7 +105,10 @@ SMOOTHED_LOSS = "sigmoid"  # the loss type the per-pair smoothing applies to
 REFERENCES = ("initial", "previous")
 EOS_MODES = ("terminal", "always", "never")
 DTYPES = ("float32", "bfloat16")
-LAUNCHERS = ("process", "torchrun")  # how the training child is started (train_dpo_subprocess)
+LAUNCHERS = ("process", "torchrun", "accelerate")  # how the training child is started (train_command)
+# An accelerate config's distributed_type -> the engine that trains (accelerate 1.16's DistributedType names)
+ENGINES = {"MULTI_GPU": "ddp", "FSDP": "fsdp", "DEEPSPEED": "deepspeed"}
+SHARDED = ("fsdp", "deepspeed")  # engines that split parameters or optimizer state over the ranks
 MAX_SMOOTHING = 0.5  # epsilon = 0.5 makes a pair symmetric: no preference left to learn
 
 SMOOTHING_COLUMN = "label_smoothing"  # per-pair epsilon, from the dataset through the collator into the batch
@@ -152,11 +170,15 @@ class TrainConfig:
         the loss reads (policy/shared_prompt.py); the same log-probabilities as TRL's plain path (false:
         every prompt run twice, the head over every position), for fewer positions. Under DDP
         (processes > 1) only the reference precompute is packed (see the module docstring).
-    launcher: how the training child starts: "process" (one `python -m policy.train_main` process) or
+    launcher: how the training child starts: "process" (one `python -m policy.train_main` process),
         "torchrun" (`python -m torch.distributed.run --standalone --nproc_per_node <processes>`: DDP,
-        gloo on the CPU).
-    processes: training processes (DDP ranks) on this machine; more than 1 needs launcher=torchrun.
-        Each rank takes batch_size pairs per step (see `effective_batch`).
+        gloo on the CPU) or "accelerate" (`accelerate launch --config_file <accelerate_config>
+        --num_processes <processes>`; see `train_command`).
+    processes: training processes (ranks) on this machine; more than 1 needs launcher=torchrun or
+        accelerate. Each rank takes batch_size pairs per step (see `effective_batch`).
+    accelerate_config: with launcher=accelerate, the accelerate config file (conf/accelerate/*.yaml;
+        a relative path is taken from the project root); its distributed_type picks the engine (ENGINES).
+        Checked when the config is built (`accelerate_problem`); null with the other launchers.
     """
 
     loss_type: tuple[str, ...] = ("sigmoid", "sft")
@@ -190,6 +212,7 @@ class TrainConfig:
     shared_prompt: bool = True
     launcher: str = "process"
     processes: int = 1
+    accelerate_config: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
@@ -212,8 +235,16 @@ class TrainConfig:
         if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1:
             raise ValueError(f"train.processes={self.processes!r}: must be an integer >= 1")
         if self.launcher == "process" and self.processes != 1:
-            raise ValueError(f"train.processes={self.processes} needs train.launcher=torchrun "
+            raise ValueError(f"train.processes={self.processes} needs train.launcher=torchrun or accelerate "
                              "(train.launcher=process starts one training process)")
+        if (self.launcher == "accelerate") != (self.accelerate_config is not None):
+            raise ValueError(f"train.accelerate_config={self.accelerate_config!r} with train.launcher={self.launcher}: "
+                             "the file is given with train.launcher=accelerate, and only then")
+        if self.launcher == "accelerate":
+            problem = accelerate_problem(read_accelerate_config(self.accelerate_config), device=self.device,
+                                         lora=self.lora)
+            if problem:
+                raise ValueError(f"train.accelerate_config={self.accelerate_config!r}: {problem}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must lie in [0, 1)")
         positive = {"beta": self.beta, "learning_rate": self.learning_rate, "epochs": self.epochs,
@@ -229,9 +260,93 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * self.processes
 
     @property
+    def engine(self) -> str:
+        """What trains: "single" (one process), "ddp", "fsdp" or "deepspeed" (ENGINES; reads accelerate_config)."""
+        if self.launcher == "accelerate":
+            return ENGINES[read_accelerate_config(self.accelerate_config)["distributed_type"]]
+        return "ddp" if self.processes > 1 else "single"
+
+    @property
     def smoothing_active(self) -> bool:
         """Whether the per-pair smoothing reaches a loss term (conservative, with a sigmoid term)."""
         return self.conservative and SMOOTHED_LOSS in self.loss_type
+
+
+def accelerate_config_path(value: str) -> Path:
+    """The file `train.accelerate_config` names: absolute, or relative to the project root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def read_accelerate_config(value: str) -> dict[str, Any]:
+    """The accelerate config file `value` as a dict; ValueError naming train.accelerate_config when it is
+    missing or not a yaml mapping."""
+    import yaml
+
+    path = accelerate_config_path(value)
+    if not path.is_file():
+        raise ValueError(f"train.accelerate_config={value!r}: no such file ({path})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"train.accelerate_config={value!r}: not an accelerate config (a yaml mapping)")
+    return data
+
+
+def accelerate_problem(spec: dict[str, Any], *, device: str, lora: bool) -> str | None:
+    """Why the accelerate config `spec` cannot train, whatever the machine, in one line (None when it can):
+    `device` is train.device as set ("auto", "cpu", "cuda"), `lora` is train.lora."""
+    kind = spec.get("distributed_type")
+    engine = ENGINES.get(str(kind))
+    if engine is None:
+        return f"distributed_type={kind!r}: expected one of {', '.join(f'{k} ({v})' for k, v in ENGINES.items())}"
+    if spec.get("num_machines", 1) != 1:
+        return f"num_machines={spec['num_machines']}: train.launcher=accelerate starts processes on this machine only"
+    if str(spec.get("mixed_precision", "no")) != "no":
+        return (f"mixed_precision={spec['mixed_precision']!r}: set 'no' (train.dtype and train.autocast set the "
+                "precision; the file's value would override them)")
+    if engine in SHARDED and device == "cpu":
+        return f"{kind} with train.device=cpu: {NO_SHARDING_ON_CPU}"
+    if engine in SHARDED and lora:
+        return f"train.lora under {kind} is not supported: merging the adapter into the checkpoint needs whole weights"
+    fsdp = spec.get("fsdp_config") or {}
+    if engine == "fsdp" and fsdp.get("fsdp_state_dict_type") != "FULL_STATE_DICT":
+        return "fsdp_config.fsdp_state_dict_type must be FULL_STATE_DICT (rank 0 saves the gathered weights)"
+    deepspeed = spec.get("deepspeed_config") or {}
+    if engine == "deepspeed" and deepspeed.get("zero_stage") == 3 and not deepspeed.get("zero3_save_16bit_model"):
+        return "deepspeed_config.zero3_save_16bit_model must be true under ZeRO-3 (rank 0 saves the gathered weights)"
+    return None
+
+
+NO_SHARDING_ON_CPU = ("accelerate 1.16 shards only over CUDA GPUs (on the CPU it runs the ranks as plain DDP and "
+                      "drops the plugin); use conf/accelerate/ddp.yaml there")
+
+
+def launch_problem(spec: dict[str, Any], *, device: str, deepspeed_installed: bool) -> str | None:
+    """Why the accelerate config `spec` cannot train on this machine, in one line (None when it can):
+    `device` is where training would run ("cpu" or "cuda", resolved). Accelerate 1.16 turns FSDP and
+    DeepSpeed ranks into plain DDP on the CPU (state.py: only a GPU-like distributed type becomes FSDP),
+    so they are refused there rather than run as something else."""
+    kind = spec.get("distributed_type")
+    engine = ENGINES.get(str(kind))
+    if engine == "deepspeed" and not deepspeed_installed:
+        return "DeepSpeed is not installed (pip install deepspeed, on a machine with CUDA GPUs)"
+    if engine in SHARDED and device != "cuda":
+        return f"{kind} on the CPU (torch sees no CUDA GPU): {NO_SHARDING_ON_CPU}"
+    return None
+
+
+def check_launch(cfg: TrainConfig) -> None:
+    """Raise RuntimeError naming train.accelerate_config when its file cannot train on this machine
+    (`launch_problem`); nothing to check for the other launchers. Run before the training child starts."""
+    import importlib.util
+
+    if cfg.launcher != "accelerate":
+        return
+    problem = launch_problem(read_accelerate_config(cfg.accelerate_config),
+                             device=resolve_device(cfg.device, key="train.device"),
+                             deepspeed_installed=importlib.util.find_spec("deepspeed") is not None)
+    if problem:
+        raise RuntimeError(f"train.accelerate_config={cfg.accelerate_config!r}: {problem}")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -507,19 +622,28 @@ def conservative_trainer_class():
         tokenized by `encode_pairs`. Without the `label_smoothing` column it is stock TRL. The
         environment mask acts through the collator `build_trainer` passes (EnvironmentMaskCollator).
         With `shared_prompt`, the policy's and the reference precompute's fused-LM-head calls go through
-        policy.shared_prompt.SharedPromptForward (one pass over each pair's prompt)."""
+        policy.shared_prompt.SharedPromptForward (one pass over each pair's prompt). `engine` is what the
+        launcher asked for (TrainConfig.engine): under FSDP or DeepSpeed shared_prompt is off, and a trainer
+        that runs another engine than asked is an error."""
 
-        def __init__(self, *args, shared_prompt: bool = False, **kwargs):
+        def __init__(self, *args, shared_prompt: bool = False, engine: str = "single", **kwargs):
             from policy.shared_prompt import unsupported_reason
 
             # Set before TRL's __init__: the reference precompute runs inside it.
             models = [kwargs.get("model"), kwargs.get("ref_model")]
             reasons = [r for m in models if m is not None and not isinstance(m, str) and (r := unsupported_reason(m))]
-            self.shared_prompt = shared_prompt and not reasons
+            sharded = engine in SHARDED
+            self.shared_prompt = shared_prompt and not reasons and not sharded
             if shared_prompt and reasons:
                 log.warning("train.shared_prompt: %s; the plain path (each prompt run with each side) is used",
                             "; ".join(reasons))
+            if shared_prompt and sharded and is_main_rank():
+                log.info("train.shared_prompt under %s: off (the packed forward would read the LM head's weight "
+                         "where it is not gathered); TRL's plain path is used", engine, extra=FILE_ONLY)
             super().__init__(*args, **kwargs)
+            mismatch = engine_mismatch(engine, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+            if mismatch:
+                raise RuntimeError(mismatch)
             if not self.precompute_ref_logps:
                 raise ValueError("ConservativeDPOTrainer reads the reference log-probs from the batch: "
                                  "set precompute_ref_log_probs=True")
@@ -584,6 +708,16 @@ def conservative_trainer_class():
             return (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
 
     return ConservativeDPOTrainer
+
+
+def engine_mismatch(engine: str, *, fsdp: bool, deepspeed: bool) -> str | None:
+    """Why a trainer with FSDP on (`fsdp`) or DeepSpeed on (`deepspeed`) does not run `engine`
+    (TrainConfig.engine) in one line, or None when it does."""
+    running = "FSDP" if fsdp else "DeepSpeed" if deepspeed else "neither FSDP nor DeepSpeed"
+    if (engine == "fsdp") == fsdp and (engine == "deepspeed") == deepspeed:
+        return None
+    return (f"the training engine should be {engine}, but the trainer runs {running}: accelerate did not set up "
+            "what train.accelerate_config asks for")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -686,7 +820,7 @@ def build_trainer(encoded: EncodedPairs, *, policy_path: str, ref_path: str, tok
     trainer = conservative_trainer_class()(model=model, ref_model=ref_model, args=args, data_collator=collator,
                                            train_dataset=dataset,
                                            processing_class=tokenizer, peft_config=peft_config,
-                                           shared_prompt=cfg.shared_prompt)
+                                           shared_prompt=cfg.shared_prompt, engine=cfg.engine)
     _quiet_progress(trainer)
     return trainer
 
@@ -802,21 +936,37 @@ def _check_ranks_agree(trainer) -> None:
                            "all-reduced (a forward around DDP's?)")
 
 
+def _save_checkpoint(trainer, folder: Path | None, *, lora: bool, sharded: bool) -> None:
+    """Rank 0 (the one given a `folder`) writes the trained weights there. Under FSDP or DeepSpeed every
+    rank first takes part in gathering them (accelerate's get_state_dict, as transformers' save_model);
+    with LoRA (never sharded: accelerate_problem) the adapter is merged into a plain checkpoint."""
+    state_dict = None
+    if sharded:
+        wrapped = trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model
+        state_dict = trainer.accelerator.get_state_dict(wrapped)
+    if folder is None:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model = model.merge_and_unload()  # a plain checkpoint: vLLM and the next round load it as is
+    model.save_pretrained(folder, **({"state_dict": state_dict} if sharded else {}))
+
+
 def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: str, out_dir: str,
               cfg: TrainConfig, work_dir: str | None = None) -> TrainResult:
     """Train the model at `policy_path` with DPO on `pairs` against the reference at `ref_path`; save
     the result (model, tokenizer, train_result.json) to `out_dir`, atomically. In this process: use
     `train_dpo_subprocess` from a process that ran an inference engine.
 
-    As one of several DDP ranks (torchrun; `cfg.processes` of them): every rank trains and returns the
-    result, rank 0 alone saves; `work_dir` is a folder all ranks share (`_shared_dataset`)."""
+    As one of several ranks (torchrun or accelerate; `cfg.processes` of them): every rank trains and
+    returns the result, rank 0 alone saves; `work_dir` is a folder all ranks share (`_shared_dataset`)."""
     from policy.models import load_tokenizer
 
     started = time.time()
     world, main = world_size(), is_main_rank()
     if world != cfg.processes:
-        raise ValueError(f"train.processes={cfg.processes}, but this process is one of {world} (WORLD_SIZE): "
-                         "train through train_dpo_subprocess, which starts them (train.launcher=torchrun)")
+        raise ValueError(f"train.processes={cfg.processes}, but this process is one of {world} (WORLD_SIZE): train "
+                         "through train_dpo_subprocess, which starts them (train.launcher=torchrun or accelerate)")
     _require_model(policy_path, "policy_path")
     _require_model(ref_path, "ref_path")
     out = Path(out_dir)
@@ -838,8 +988,9 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
     log.info("DPO: %d pairs, %d tokens per epoch (%d of them the environment's, masked), mean smoothing %.3f, "
              "policy %s, reference %s", len(encoded.rows), encoded.tokens_per_epoch, encoded.env_tokens,
              encoded.mean_smoothing, policy_path, ref_path, extra=FILE_ONLY)
-    log.info("DPO: effective batch %d pairs per step = batch_size %d x grad_accum %d x processes %d",
-             cfg.effective_batch, cfg.batch_size, cfg.grad_accum, cfg.processes, extra=FILE_ONLY)
+    engine = cfg.engine
+    log.info("DPO: effective batch %d pairs per step = batch_size %d x grad_accum %d x processes %d (%s, %s)",
+             cfg.effective_batch, cfg.batch_size, cfg.grad_accum, cfg.processes, cfg.launcher, engine, extra=FILE_ONLY)
 
     tmp = None
     if main:
@@ -851,13 +1002,10 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
                                     cfg=cfg, output_dir=scratch, work_dir=work_dir)
             with _no_reference_bar():
                 trainer.train()
-        if world > 1:
+        if world > 1 and engine not in SHARDED:  # sharded engines hold a different shard on every rank
             _check_ranks_agree(trainer)
+        _save_checkpoint(trainer, tmp, lora=cfg.lora, sharded=engine in SHARDED)
         if main:
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            if cfg.lora:
-                model = model.merge_and_unload()  # a plain checkpoint: vLLM and the next round load it as is
-            model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         result = TrainResult(**_summarize(trainer.state.log_history, epochs=cfg.epochs),
                              steps=int(trainer.state.global_step), pairs=len(encoded.rows),
@@ -927,28 +1075,34 @@ def _run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]
 
 
 def train_command(job_path: str | Path, cfg: TrainConfig) -> list[str]:
-    """The command line that starts the training child(ren) on `job_path` (`train.launcher`)."""
+    """The command line that starts the training child(ren) on `job_path` (`train.launcher`). accelerate
+    is run as `python -m accelerate.commands.accelerate_cli` (what the `accelerate` script runs), with
+    this interpreter; its `-m` runs the module in every process, as `python -m` does."""
     main = ["-m", "policy.train_main", str(job_path)]
     if cfg.launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(cfg.processes), *main]
+    if cfg.launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                str(accelerate_config_path(cfg.accelerate_config)), "--num_processes", str(cfg.processes), *main]
     return [sys.executable, *main]
 
 
 def train_dpo_subprocess(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: str, out_dir: str,
                          cfg: TrainConfig) -> TrainResult:
     """`train_dpo` in a fresh Python process (`python -m policy.train_main job.json`), or in
-    `cfg.processes` of them under torchrun (`train_command`): the job, its pairs and the child's result
-    are temporary files next to `out_dir` (with torchrun also a work folder the ranks share). Raises
-    RuntimeError with the exit code and the end of the child's stderr if it fails; `out_dir` is then
-    left as it was."""
+    `cfg.processes` of them under torchrun or accelerate (`train_command`): the job, its pairs and the
+    child's result are temporary files next to `out_dir` (with several processes also a work folder the
+    ranks share). Raises RuntimeError with the exit code and the end of the child's stderr if it fails;
+    `out_dir` is then left as it was."""
+    check_launch(cfg)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, job_name = tempfile.mkstemp(prefix=f".{out.name}.job-", suffix=".json", dir=out.parent)
     os.close(fd)
     job_path = Path(job_name)
     pairs_path, result_path = job_path.with_suffix(".pairs.jsonl"), job_path.with_suffix(".result.json")
-    work_path = job_path.with_suffix(".work") if cfg.launcher == "torchrun" else None
+    work_path = job_path.with_suffix(".work") if cfg.launcher != "process" else None
     try:
         with pairs_path.open("w", encoding="utf-8") as f:
             for pair in pairs:
@@ -959,10 +1113,10 @@ def train_dpo_subprocess(pairs: Sequence[dict[str, Any]], *, policy_path: str, r
         if work_path is not None:
             (work_path / "tmp").mkdir(parents=True)
             job["work_dir"] = str(work_path)
-            env["TMPDIR"] = str(work_path / "tmp")  # torchrun's log folder, the ranks' scratch: removed below
+            env["TMPDIR"] = str(work_path / "tmp")  # the launcher's log folder, the ranks' scratch: removed below
         write_json(job_path, job)
-        if cfg.launcher == "torchrun":
-            log.info("DPO on %d pairs in %d fresh processes (torchrun) -> %s", len(pairs), cfg.processes, out,
+        if cfg.launcher != "process":
+            log.info("DPO on %d pairs in %d fresh processes (%s) -> %s", len(pairs), cfg.processes, cfg.launcher, out,
                      extra=FILE_ONLY)
         else:
             log.info("DPO on %d pairs in a fresh process -> %s", len(pairs), out, extra=FILE_ONLY)

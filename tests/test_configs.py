@@ -16,7 +16,8 @@ from harness.settings import _GROUPS as GROUP_CLASSES
 from harness.settings import load_settings
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = [d.name for d in sorted(CONF.iterdir()) if d.is_dir()]
+NOT_GROUPS = {"accelerate"}  # files for `accelerate launch` (train.accelerate_config), not a Hydra config group
+GROUPS = [d.name for d in sorted(CONF.iterdir()) if d.is_dir() and d.name not in NOT_GROUPS]
 
 
 def settings(config_name: str, overrides: list[str]):

@@ -415,27 +415,35 @@ def test_train_dpo_subprocess_end_to_end(pairs, tiny_model_dir, tmp_path):
 def test_train_dpo_under_torchrun_on_two_processes(pairs, tiny_model_dir, tmp_path):
     """train.launcher=torchrun, processes=2: DDP over gloo on the CPU trains the tiny model; rank 0
     saves one whole checkpoint and nothing else is left next to it."""
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "round_0" / "policy"
     cfg = replace(TINY, launcher="torchrun", processes=2)
     result = train_dpo_subprocess(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir),
                                   out_dir=str(out), cfg=cfg)
+    check_two_rank_run(result, out, tiny_model_dir, launcher="torchrun")
+
+
+def check_two_rank_run(result, out: Path, start: Path, *, launcher: str) -> dict:
+    """The checks of a run on 2 ranks x 4 of the 8 pairs, from the model at `start` into `out`: one step,
+    finite losses, moved weights, a checkpoint that loads, nothing left next to it. Returns the saved
+    train_result.json."""
+    from transformers import AutoModelForCausalLM
+
     assert result.processes == 2 and result.effective_batch == TINY.batch_size * TINY.grad_accum * 2
     assert result.steps == 1 and result.pairs == 8  # 8 pairs, 4 per rank per step: one step per epoch
     assert result.loss_history and all(math.isfinite(v) for v in result.loss_history)
     assert math.isfinite(result.final_loss)
-    before, after = state_dict(tiny_model_dir), state_dict(out)
+    before, after = state_dict(start), state_dict(out)
     assert before.keys() == after.keys()
     assert not all(bool((before[k] == after[k]).all()) for k in before)  # the weights moved
     AutoModelForCausalLM.from_pretrained(str(out))
     saved = json.loads((out / RESULT_FILE).read_text())
-    assert saved["processes"] == 2 and saved["config"]["launcher"] == "torchrun"
+    assert saved["processes"] == 2 and saved["config"]["launcher"] == launcher
     assert sorted(p.name for p in out.parent.iterdir()) == ["policy"]  # job, work folder, temp folders gone
+    return saved
 
 
 def test_several_processes_need_torchrun():
-    with pytest.raises(ValueError, match=r"train\.processes=2.*train\.launcher"):
+    with pytest.raises(ValueError, match=r"train\.processes=2 needs train\.launcher=torchrun or accelerate"):
         TrainConfig(processes=2)
     with pytest.raises(ValueError, match="train.processes"):
         TrainConfig(launcher="torchrun", processes=0)
@@ -455,6 +463,133 @@ def test_launcher_command_lines(tmp_path):
     assert train_command(job, replace(TINY, launcher="torchrun", processes=3)) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
         "-m", "policy.train_main", str(job)]
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "conf" / "accelerate"
+
+
+def accelerate_cfg(name: str, **changes) -> TrainConfig:
+    return replace(TINY, launcher="accelerate", accelerate_config=f"conf/accelerate/{name}.yaml", **changes)
+
+
+@pytest.mark.slow
+def test_train_dpo_under_accelerate_on_two_processes(pairs, tiny_model_dir, tmp_path, caplog):
+    """train.launcher=accelerate with conf/accelerate/ddp.yaml, processes=2: accelerate's launcher starts two
+    DDP ranks (gloo on the CPU); the loss is logged, the weights move, the checkpoint loads."""
+    import logging
+
+    out = tmp_path / "round_0" / "policy"
+    cfg = accelerate_cfg("ddp", processes=2)
+    with caplog.at_level(logging.INFO, logger="policy.dpo"):
+        result = train_dpo_subprocess(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir),
+                                      out_dir=str(out), cfg=cfg)
+    assert any("2 fresh processes (accelerate)" in r.getMessage() for r in caplog.records)
+    saved = check_two_rank_run(result, out, tiny_model_dir, launcher="accelerate")
+    assert saved["config"]["accelerate_config"] == "conf/accelerate/ddp.yaml"
+
+
+def test_accelerate_command_line(tmp_path):
+    import sys
+
+    from policy.dpo import train_command
+
+    job = tmp_path / "job.json"
+    assert train_command(job, accelerate_cfg("zero3", processes=8)) == [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+        str(ACCELERATE_CONFIGS / "zero3.yaml"), "--num_processes", "8", "-m", "policy.train_main", str(job)]
+    absolute = tmp_path / "mine.yaml"
+    absolute.write_text((ACCELERATE_CONFIGS / "ddp.yaml").read_text())
+    cfg = replace(TINY, launcher="accelerate", accelerate_config=str(absolute))
+    assert train_command(job, cfg)[5:8] == [str(absolute), "--num_processes", "1"]
+
+
+@pytest.mark.parametrize("name,engine", [("ddp", "ddp"), ("fsdp", "fsdp"), ("zero3", "deepspeed")])
+def test_shipped_accelerate_configs_name_their_engine(name, engine):
+    cfg = accelerate_cfg(name, processes=2)
+    assert cfg.engine == engine and cfg.effective_batch == TINY.batch_size * TINY.grad_accum * 2
+
+
+def test_engine_of_the_other_launchers():
+    assert TINY.engine == "single"
+    assert replace(TINY, launcher="torchrun", processes=2).engine == "ddp"
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(accelerate_config=None), r"train\.accelerate_config=None with train\.launcher=accelerate"),
+    (dict(accelerate_config="conf/accelerate/nothing.yaml"), "nothing.yaml.*no such file"),
+    (dict(accelerate_config="conf/accelerate/fsdp.yaml", device="cpu"), "FSDP with train.device=cpu.*ddp.yaml"),
+    (dict(accelerate_config="conf/accelerate/zero3.yaml", device="cpu"), "DEEPSPEED with train.device=cpu"),
+    (dict(accelerate_config="conf/accelerate/fsdp.yaml", lora=True), "train.lora under FSDP"),
+])
+def test_accelerate_config_errors(changes, match):
+    with pytest.raises(ValueError, match=match):
+        replace(TINY, launcher="accelerate", **changes)
+
+
+def test_accelerate_config_only_with_its_launcher():
+    with pytest.raises(ValueError, match=r"train\.accelerate_config=.*train\.launcher=torchrun"):
+        replace(TINY, launcher="torchrun", accelerate_config="conf/accelerate/ddp.yaml")
+
+
+def test_accelerate_file_problems_by_hand(tmp_path):
+    from policy.dpo import accelerate_problem
+
+    ddp = {"distributed_type": "MULTI_GPU", "mixed_precision": "no", "num_machines": 1}
+    assert accelerate_problem(ddp, device="auto", lora=True) is None
+    assert "expected one of MULTI_GPU (ddp)" in accelerate_problem({**ddp, "distributed_type": "XLA"}, device="auto",
+                                                                   lora=False)
+    assert "this machine only" in accelerate_problem({**ddp, "num_machines": 2}, device="auto", lora=False)
+    assert "mixed_precision='bf16'" in accelerate_problem({**ddp, "mixed_precision": "bf16"}, device="auto", lora=False)
+    fsdp = {**ddp, "distributed_type": "FSDP", "fsdp_config": {"fsdp_state_dict_type": "SHARDED_STATE_DICT"}}
+    assert "FULL_STATE_DICT" in accelerate_problem(fsdp, device="cuda", lora=False)
+    zero3 = {**ddp, "distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}
+    assert "zero3_save_16bit_model" in accelerate_problem(zero3, device="auto", lora=False)
+    zero2 = {**ddp, "distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}
+    assert accelerate_problem(zero2, device="auto", lora=False) is None
+    not_yaml = tmp_path / "list.yaml"
+    not_yaml.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="not an accelerate config"):
+        replace(TINY, launcher="accelerate", accelerate_config=str(not_yaml))
+
+
+def test_what_cannot_run_on_this_machine_by_hand():
+    from policy.dpo import launch_problem
+
+    zero3, fsdp, ddp = ({"distributed_type": k} for k in ("DEEPSPEED", "FSDP", "MULTI_GPU"))
+    assert launch_problem(zero3, device="cuda", deepspeed_installed=False).startswith("DeepSpeed is not installed")
+    assert launch_problem(zero3, device="cpu", deepspeed_installed=False).startswith("DeepSpeed is not installed")
+    assert launch_problem(zero3, device="cuda", deepspeed_installed=True) is None
+    assert "FSDP on the CPU" in launch_problem(fsdp, device="cpu", deepspeed_installed=True)
+    assert launch_problem(fsdp, device="cuda", deepspeed_installed=False) is None
+    assert launch_problem(ddp, device="cpu", deepspeed_installed=False) is None
+
+
+def test_an_unrunnable_accelerate_config_fails_before_any_work(pairs, tiny_model_dir, tmp_path):
+    """Here (no CUDA GPU, no DeepSpeed) zero3.yaml and fsdp.yaml stop with one line before the child starts
+    and before anything is written next to out_dir."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("checks the refusal on a machine without CUDA and DeepSpeed")
+    for name, match in [("zero3", "DeepSpeed is not installed"), ("fsdp", "FSDP on the CPU")]:
+        out = tmp_path / name / "policy"
+        with pytest.raises(RuntimeError, match=match) as err:
+            train_dpo_subprocess(pairs, policy_path=str(tiny_model_dir), ref_path=str(tiny_model_dir),
+                                 out_dir=str(out), cfg=accelerate_cfg(name, processes=2))
+        assert "\n" not in str(err.value) and not out.parent.exists()
+
+
+def test_engine_mismatch_by_hand():
+    from policy.dpo import engine_mismatch
+
+    assert engine_mismatch("ddp", fsdp=False, deepspeed=False) is None
+    assert engine_mismatch("single", fsdp=False, deepspeed=False) is None
+    assert engine_mismatch("fsdp", fsdp=True, deepspeed=False) is None
+    assert engine_mismatch("deepspeed", fsdp=False, deepspeed=True) is None
+    assert "should be fsdp, but the trainer runs neither" in engine_mismatch("fsdp", fsdp=False, deepspeed=False)
+    assert "should be ddp, but the trainer runs FSDP" in engine_mismatch("ddp", fsdp=True, deepspeed=False)
 
 
 def test_old_train_json_loads():
