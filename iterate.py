@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,79 +30,28 @@ from harness.compute import phase_record
 from harness.config import ConfigError, as_dict
 from harness.console import quiet_console
 from harness.errors import exit_on_user_error
-from harness.evaluation import evaluate_problems, slice_problems, summary_line
+from harness.evaluation import merge_results, slice_problems, summary_line
+from harness.jobs import evaluate_shard, search_shard, search_value_model
+from harness.launcher import Engine, make_engines
 from harness.report import write_report
 from harness.rundir import (RoundDir, copy_round0_search, owned, read_json, remove_stale_temps, round_dir,
                             truncate_partial_line, write_config, write_json_atomic, write_jsonl_atomic,
                             write_text_atomic)
-from harness.seeds import derive_seed, engine_config, eval_seed, search_seed  # the project's seeds (harness/seeds.py)
+from harness.seeds import derive_seed, engine_config, eval_seed  # noqa: F401  (engine_config: re-exported)
 from harness.settings import Settings, load_settings
 from harness.tracking import Tracker, forget_steps
 from mcts.pairs import extract_pairs, pair_stats, read_pairs
-from mcts.sampling import sample_trees
-from mcts.search import run_search
 from mcts.tree import dumps_tree, read_trees
 from mcts.types import Problem
 from mcts.value_data import examples_from_trees, value_rows
 from mcts.value_data import summary as value_summary
-from policy.backends import make_backend
 from policy.dpo import train_dpo_subprocess
 from policy.models import count_parameters, load_tokenizer, resolve_model_path
 from policy.prompts import PromptFormatter
-from policy.step_policy import StepPolicy
-from policy.value_model import make_value_evaluator, read_result, train_value_subprocess, value_complete
+from policy.value_model import read_result, train_value_subprocess, value_complete
 from tasks import make_task
 
 log = logging.getLogger("iterate")
-
-
-class Engine:
-    """The generation backend, started lazily and restarted on a new checkpoint (holds the engine)."""
-
-    def __init__(self, s: Settings):
-        self.s = s
-        self.backend = None
-        self.path: str | None = None
-
-    def serve(self, path: str):
-        if self.backend is None:
-            self.backend = make_backend(engine_config(self.s), path)
-        elif self.path != path:
-            self.backend.load(path)
-        self.path = path
-        return self.backend
-
-    def close(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-        self.backend = None
-        self.path = None
-
-
-def latest_value_model(run_dir: Path, k: int) -> Path | None:
-    """The value model of the latest round before k that trained one (search.value=model), or None."""
-    for j in range(k - 1, -1, -1):
-        if value_complete(round_dir(run_dir, j).value):
-            return round_dir(run_dir, j).value
-    return None
-
-
-def search_evaluator(s: Settings, run_dir: Path, k: int, policy: StepPolicy, formatter):
-    """(evaluator, search config, value model path or None) for round k's search: the policy's
-    self-evaluation, or with search.value=model the latest round's value model (value.before_model
-    until one exists)."""
-    if s.search.value != "model" or s.pairs.source == "sampling":
-        return policy, s.search, None
-    path = latest_value_model(run_dir, k)
-    if path is None:
-        log.info("round %d search: no value model yet; new children are scored by %s (value.before_model)", k,
-                 s.value.before_model)
-        return policy, replace(s.search, value=s.value.before_model), None
-    log.info("round %d search: new children are scored by the value model %s", k, path)
-    evaluator = make_value_evaluator(path, formatter.value_prompt, engine=s.value.engine, device=s.value.device,
-                                     max_length=s.value.train.max_length, batch_size=s.value.search_batch,
-                                     backend_cfg=engine_config(s))
-    return evaluator, s.search, str(path)
 
 
 def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, engine: Engine, task, formatter,
@@ -115,38 +65,28 @@ def search_phase(s: Settings, rd: RoundDir, k: int, problems, policy_path: str, 
     todo = [p for p in problems if p.id not in done]
     if done:
         log.info("round %d: %d trees already on disk, searching the other %d", k, len(done), len(todo))
-    value_model = None
+    tool: dict = {}
     if todo:
-        policy = StepPolicy(engine.serve(policy_path), formatter, s.generation,
-                            eval_with_reference=s.search.eval_with_reference, tool=s.tool)
-        evaluator, search_cfg, value_model = search_evaluator(s, rd.path.parent, k, policy, formatter)
         rd.path.mkdir(parents=True, exist_ok=True)
+        job = partial(search_shard, s=s, run_dir=rd.path.parent, k=k, task=task, formatter=formatter)
         with rd.trees.open("a", encoding="utf-8") as out, \
                 tqdm(total=len(problems), initial=len(done), desc=f"round {k} search", unit="tree") as bar:
-            seed = search_seed(s.run.seed, k)
-            if s.pairs.source == "sampling":  # the outcome-only baseline (mcts/sampling.py)
-                trees = sample_trees(todo, expander=policy, verifier=task, samples=s.pairs.samples,
-                                     batch_problems=s.search.batch_trees, seed=seed,
-                                     length_exponent=s.search.length_exponent)
-            else:
-                trees = run_search(todo, expander=policy, evaluator=evaluator, verifier=task, config=search_cfg,
-                                   seed=seed)
-            for tree in trees:
-                out.write(dumps_tree(tree) + "\n")
+            for finished in engine.run(job, todo, policy_path):
+                out.write(dumps_tree(finished.tree) + "\n")
                 out.flush()
                 bar.update(1)
-        if evaluator is not policy:
-            evaluator.close()
+                tool = {key: tool.get(key, 0) + value for key, value in finished.tool.items()}
     trees = read_trees(rd.trees)
     compute = {key: sum(t.compute.get(key, 0) for t in trees)
                for key in ("prompt_tokens", "generated_tokens", "cached_tokens")}
     solved = sum(t.solved() for t in trees)
     record = {"trees": len(trees), "solved": solved, "nodes": sum(len(t.nodes) for t in trees),
               "compute": phase_record(params, **compute)}
+    value_model = search_value_model(s, rd.path.parent, k) if todo else None
     if value_model:
-        record["value_model"] = value_model
-    if todo and policy.tool_stats:  # what the sandbox cost in this invocation's search
-        record["tool"] = {**policy.tool_stats, "search_seconds": time.time() - started}
+        record["value_model"] = str(value_model)
+    if tool:  # what the sandbox cost in this invocation's search (summed over the launcher's workers)
+        record["tool"] = {**tool, "search_seconds": time.time() - started}
     write_json_atomic(rd.search_done, record)
     log.info("round %d search: %d of %d trees solved, %d nodes, %d tokens generated, %.0f s", k, solved, len(trees),
              record["nodes"], compute["generated_tokens"], time.time() - started)
@@ -236,9 +176,9 @@ def eval_phase(s: Settings, path: Path, policy_path: str, engine: Engine, eval_t
             continue
         if fingerprints:
             fingerprint.record(path.parent, "eval", {name: fingerprints[name]})
-        result = evaluate_problems(task, problems, backend=engine.serve(policy_path), formatter=formatter_for(task),
-                                   gen=s.generation, cfg=s.eval, search=s.search, params=params, seed=seed,
-                                   tool=s.tool)
+        job = partial(evaluate_shard, s=s, task=task, formatter=formatter_for(task), params=params, seed=seed)
+        parts = [part.result for part in engine.run(job, problems, policy_path)]
+        result = parts[0] if len(parts) == 1 else merge_results(parts, problems, params=params)
         log.info("%s", summary_line(result))
         results[name] = result
         write_json_atomic(path, results)
@@ -301,6 +241,7 @@ def run(cfg: DictConfig) -> dict:
             stack.enter_context(owned(run_dir))  # one invocation at a time; a killed one's children stopped
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        engine = make_engines(s, stack)  # launcher=local: Engine; ray: Ray actors (a missing ray package stops here)
         remove_stale_temps(run_dir)
         if s.run.search_from:
             same = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in SEARCH_FROM_MATCH}
@@ -323,7 +264,6 @@ def run(cfg: DictConfig) -> dict:
         write_config(run_dir, config_text)
         tracker = stack.enter_context(contextlib.closing(
             Tracker(run_dir, s.tracking, run_name=s.run.name, config=as_dict(s))))
-        engine = stack.enter_context(contextlib.closing(Engine(s)))
         return _rounds(s, run_dir, tracker, engine, task, pool, config_text, flat)
 
 

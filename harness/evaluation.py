@@ -162,6 +162,21 @@ def _sample_solutions(problems: list[Problem], backend: Backend, formatter: Prom
     return out
 
 
+def value_scores(ranker, problems: Sequence[Problem], texts: Sequence[Sequence[str]], *, batch_size: int,
+                 desc: str) -> list[list[Any]]:
+    """Each problem's solutions `texts[i]` valued by `ranker` (an Evaluator) as partial solutions: one
+    `evaluate` call for all the solutions of `batch_size` problems (the problems a sampling call takes),
+    which the value model splits into its own micro-batches. Returns each problem's Evaluations."""
+    out: list[list[Any]] = []
+    with tqdm(total=len(problems), desc=desc, unit="problem", leave=False) as bar:
+        for chunk in _chunks(list(zip(problems, texts)), batch_size):
+            requests = [EvalRequest(problem=p, steps=(t,)) for p, ts in chunk for t in ts]
+            valued = iter(ranker.evaluate(requests))
+            out.extend([next(valued) for _ in ts] for _, ts in chunk)
+            bar.update(len(chunk))
+    return out
+
+
 def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, formatter: PromptFormatter,
                       gen: GenerationConfig, cfg: EvalConfig, search: SearchConfig, params: int,
                       seed: int = 0, tool: ToolConfig | None = None) -> dict[str, Any]:
@@ -187,12 +202,13 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
         outputs = _sample_solutions(problems, backend, formatter, settings, cfg.batch_size, f"eval {task.name}",
                                     executor, seed)
         pass_k = 0
-        for problem, (samples, gen_tok, p_tok, c_tok) in zip(problems, outputs):
-            texts = [s.text for s in samples]
+        solutions = [[s.text for s in samples] for samples, *_ in outputs]
+        valuations = (value_scores(ranker, problems, solutions, batch_size=cfg.batch_size, desc=f"value {task.name}")
+                      if ranker is not None else [None] * len(problems))
+        for problem, (samples, gen_tok, p_tok, c_tok), texts, valued in zip(problems, outputs, solutions, valuations):
             answers = [task.extract(t) for t in texts]
             scores = None
-            if ranker is not None:  # the whole solution as the partial solution to value
-                valued = ranker.evaluate([EvalRequest(problem=problem, steps=(t,)) for t in texts])
+            if valued is not None:  # the whole solution as the partial solution to value
                 scores = [v.score for v in valued]
                 p_tok += sum(v.prompt_tokens for v in valued)
                 prediction = ranked_answer(answers, scores, same, cfg.weighting)
@@ -240,20 +256,61 @@ def evaluate_problems(task, problems: Sequence[Problem], *, backend: Backend, fo
             prompt_tokens += compute.get("prompt_tokens", 0)
             generated += compute.get("generated_tokens", 0)
             cached += compute.get("cached_tokens", 0)
+    return summary(task.name, cfg.mode, problems, records, extra=extra, params=params,
+                   tokens=(prompt_tokens, generated, cached), tool=executor.stats.as_dict() if executor else None)
+
+
+def summary(task_name: str, mode: str, problems: Sequence[Problem], records: list[dict[str, Any]], *,
+            extra: dict[str, Any], params: int, tokens: tuple[int, int, int], tool: dict | None) -> dict[str, Any]:
+    """The eval.json entry of `records` (one per problem, in `problems`' order): counts, accuracy, its
+    Wilson interval, `extra` (pass@k, ...), accuracy by difficulty, the tool's counters and the compute
+    of (prompt, generated, cached) `tokens`."""
     n = len(records)
     correct = sum(r["correct"] for r in records)
     low, high = wilson_interval(correct, n)
+    extra = dict(extra)
     by_difficulty = accuracy_by_difficulty(problems, records)
     if by_difficulty:
         extra["by_difficulty"] = by_difficulty
-    if executor is not None:
-        extra["tool"] = executor.stats.as_dict()
+    if tool is not None:
+        extra["tool"] = tool
+    prompt_tokens, generated, cached = tokens
     return {
-        "task": task.name, "mode": cfg.mode, "n": n, "correct": correct, "accuracy": correct / n,
+        "task": task_name, "mode": mode, "n": n, "correct": correct, "accuracy": correct / n,
         "ci95": [low, high], **extra,
         "compute": phase_record(params, prompt_tokens=prompt_tokens, generated_tokens=generated, cached_tokens=cached),
         "records": records,
     }
+
+
+PART_KEYS = ("k", "value_model", "weighting")
+"""eval.json keys that every shard's entry holds alike (settings, not counts)."""
+
+
+def merge_results(parts: Sequence[dict[str, Any]], problems: Sequence[Problem], *, params: int) -> dict[str, Any]:
+    """One eval.json entry from the entries of `evaluate_problems` on disjoint shards that together hold
+    `problems` (launcher=ray, harness/launcher.py): the records in `problems`' order; counts, accuracy,
+    pass@k, accuracy by difficulty and compute recomputed; the tool's counters summed. The same content
+    as one call on all of `problems` (where each problem's outputs do not depend on its shard)."""
+    if not parts:
+        raise ValueError("no evaluation parts to merge")
+    by_id = {r["id"]: r for part in parts for r in part["records"]}
+    ids = [p.id for p in problems]
+    if sum(len(part["records"]) for part in parts) != len(ids) or set(by_id) != set(ids):
+        raise ValueError(f"the evaluation parts hold {sorted(by_id)[:5]}..., not the {len(ids)} problems evaluated")
+    records = [by_id[i] for i in ids]
+    first = parts[0]
+    extra: dict[str, Any] = {}
+    if "pass_at_k" in first:
+        extra["pass_at_k"] = sum(r["pass_at_k"] for r in records) / len(records)
+    extra.update({key: first[key] for key in PART_KEYS if key in first})
+    tool = None
+    if "tool" in first:
+        tool = {key: sum(part["tool"][key] for part in parts) for key in first["tool"]}
+    tokens = tuple(sum(part["compute"][key] for part in parts)
+                   for key in ("prompt_tokens", "generated_tokens", "cached_tokens"))
+    return summary(first["task"], first["mode"], problems, records, extra=extra, params=params, tokens=tokens,
+                   tool=tool)
 
 
 def accuracy_by_difficulty(problems: Sequence[Problem], records: Sequence[dict[str, Any]]) -> dict[str, dict]:

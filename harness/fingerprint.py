@@ -46,6 +46,7 @@ IGNORED = (
     "backend",                  # the engine and how it runs (vLLM or transformers, devices, memory, seed):
                                 # resuming a CPU run on a GPU engine is allowed; the trees on disk stand (ours)
     "tracking",                 # where metrics go (ours)
+    "launcher",                 # one engine or Ray workers: where trees are searched, not how (harness/launcher.py)
     "eval.batch_size",          # problems per backend call: bounds memory, not results (harness/evaluation.py)
     "tool.sandbox.workers",     # programs run in parallel, not how each runs (tools/sandbox.py)
     "model.params",             # the FLOP ledger's parameter count only (policy/models.py)

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from harness.config import ConfigError, build, to_container
 from harness.evaluation import MODES, EvalConfig
+from harness.launcher import LauncherConfig
 from harness.tracking import TrackingConfig
 from mcts.pairs import PairsConfig
 from mcts.search import SearchConfig
@@ -72,6 +73,7 @@ class Settings:
     pairs: PairsConfig | None = None
     train: TrainConfig | None = None
     value: ValueConfig | None = None
+    launcher: LauncherConfig | None = None
     run: RunConfig | None = None
     out_dir: str | None = None
 
@@ -80,6 +82,7 @@ _GROUPS = {
     "model": ModelConfig, "backend": BackendConfig, "prompt": PromptConfig, "generation": GenerationConfig,
     "search": SearchConfig, "eval": EvalConfig, "tracking": TrackingConfig, "task": TaskConfig,
     "pairs": PairsConfig, "train": TrainConfig, "run": RunConfig, "tool": ToolConfig, "value": ValueConfig,
+    "launcher": LauncherConfig,
 }
 _IGNORED = {"hydra", "experiment"}
 
@@ -117,6 +120,9 @@ def validate(s: Settings) -> None:
                           + " needs eval.value_model=<a trained value model folder, e.g. runs/<name>/round_0/value>")
     if s.eval.limit is not None and s.eval.limit <= 0:
         raise ConfigError(f"eval.limit={s.eval.limit}: must be positive or null")
+    if s.launcher is not None and 0 < s.launcher.gpus_per_worker < s.backend.tensor_parallel_size:
+        raise ConfigError(f"backend.tensor_parallel_size={s.backend.tensor_parallel_size} needs that many GPUs in "
+                          f"each worker: set launcher.gpus_per_worker={s.backend.tensor_parallel_size}")
     if s.run is not None:
         if s.run.rounds < 0 or s.run.problems_per_round <= 0:
             raise ConfigError("run.rounds must be >= 0 and run.problems_per_round > 0")

@@ -171,6 +171,14 @@ class AnswerTask:
         self._problems: list[Problem] | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        """Picklable (a Ray worker gets the task, harness/launcher.py): the lock is not copied."""
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def problems(self) -> list[Problem]:
         with self._lock:
             if self._problems is None:

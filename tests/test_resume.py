@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import iterate
-from harness import fingerprint
+from harness import fingerprint, jobs, launcher
 from harness.config import ConfigError
 from harness.rundir import owned, round_config
 from harness.tracking import Tracker, TrackingConfig, forget_steps
@@ -130,10 +130,10 @@ def calls(monkeypatch, tmp_path):
     monkeypatch.setattr(iterate, "load_tokenizer", lambda path: None)
     monkeypatch.setattr(iterate, "PromptFormatter", FakeFormatter)
     monkeypatch.setattr(iterate, "make_task", lambda cfg, tool=None: FakeTask(cfg.name, cfg.n, cfg.seed))
-    monkeypatch.setattr(iterate, "make_backend", make_backend)
-    monkeypatch.setattr(iterate, "StepPolicy", step_policy)
+    monkeypatch.setattr(launcher, "make_backend", make_backend)
+    monkeypatch.setattr(jobs, "StepPolicy", step_policy)
     monkeypatch.setattr(iterate, "train_dpo_subprocess", train)
-    monkeypatch.setattr(iterate, "evaluate_problems", evaluate)
+    monkeypatch.setattr(jobs, "evaluate_problems", evaluate)
     monkeypatch.setattr(iterate, "write_report", lambda run_dir, history: "")
     return c
 
