@@ -40,7 +40,8 @@ class EvalConfig:
     seed: the slice seed (a seeded shuffle before `limit`; null = the first `limit` problems).
     k: samples per problem in sampling mode (majority@k, pass@k).
     temperature, top_p: sampling mode's settings.
-    batch_size: problems per backend call (greedy/sampling) — bounds memory, not results.
+    batch_size: problems per backend call (greedy/sampling/best_of_n), and in best_of_n per value-model call
+        (all their samples; the model splits them into its own micro-batches) — bounds memory, not results.
     value_model: a trained value model folder (round_<k>/value): best_of_n ranks with it, and mcts mode
         scores new children with it when search.value=model. No gold answer is used either way.
     weighting: best_of_n: "plain" takes the single best-scored sample's answer; "weighted" sums the

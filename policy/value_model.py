@@ -180,21 +180,48 @@ def load_value_model(path: str | Path, *, dtype: str = "float32", device: str = 
     return model.to(device), tokenizer
 
 
-def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 16,
-                grad: bool = False) -> Any:
-    """Raw scores (logits) for `texts`, batched: a 1-d tensor. The score is read at each text's last
-    token (right padding; transformers finds the last non-pad token)."""
+@dataclass(frozen=True)
+class Scored:
+    """What `score_texts` returns: raw scores (logits), a 1-d tensor in the texts' order, and each text's
+    token count after truncation (what the model processed: the FLOP ledger's input)."""
+
+    scores: Any
+    tokens: tuple[int, ...]
+
+
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> dict[str, Any]:
+    """input_ids and attention_mask of token rows padded on the right, as the tokenizer pads them."""
     import torch
 
-    out = []
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 16,
+                grad: bool = False, by_length: bool = False) -> Scored:
+    """Raw scores for `texts`, `batch_size` texts per forward, each tokenized once. The score is read at
+    each text's last token (right padding; transformers finds the last non-pad token). `by_length` sorts
+    the texts by token count before batching (less padding; scores come back in the texts' order)."""
+    import torch
+
+    if not texts:
+        return Scored(torch.zeros(0), ())
+    rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if by_length else list(range(len(rows)))
     device = next(model.parameters()).device
-    context = torch.enable_grad() if grad else torch.no_grad()
-    with context:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_length).to(device)
+    out = []
+    with torch.enable_grad() if grad else torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = _padded([rows[i] for i in order[start:start + batch_size]], tokenizer.pad_token_id, device)
             out.append(model(**batch).logits[:, 0].float())
-    return torch.cat(out) if out else torch.zeros(0)
+    scores = torch.cat(out)
+    if by_length:
+        scores = scores[torch.argsort(torch.tensor(order, device=scores.device))]
+    return Scored(scores, tuple(len(r) for r in rows))
 
 
 def _batches(items: list, batch_size: int, rng: random.Random) -> list[list]:
@@ -226,6 +253,7 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     history = []
+    tokens = 0  # counted from the training forwards (the FLOP ledger's input)
     per_batch = max(1, cfg.batch_size)
     from tqdm.auto import tqdm
 
@@ -233,7 +261,8 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
         for _ in range(cfg.epochs):
             for batch in _batches(items, per_batch, rng):
                 optimizer.zero_grad()
-                loss = _accumulate(model, tokenizer, batch, point, pair, cfg)
+                loss, seen = _accumulate(model, tokenizer, batch, point, pair, cfg)
+                tokens += seen
                 optimizer.step()
                 history.append(loss)
                 log.info("value step %d: loss %.4f", len(history), history[-1], extra=FILE_ONLY)
@@ -242,12 +271,10 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
     model.eval()
     accuracy = None
     if pairs:
-        chosen = score_texts(model, tokenizer, [c for c, _ in pairs], max_length=cfg.max_length)
-        rejected = score_texts(model, tokenizer, [r for _, r in pairs], max_length=cfg.max_length)
-        accuracy = float((chosen > rejected).float().mean())
+        chosen = score_texts(model, tokenizer, [c for c, _ in pairs], max_length=cfg.max_length, by_length=True)
+        rejected = score_texts(model, tokenizer, [r for _, r in pairs], max_length=cfg.max_length, by_length=True)
+        accuracy = float((chosen.scores > rejected.scores).float().mean())
     last = history[-max(1, math.ceil(len(history) / max(cfg.epochs, 1))):]
-    texts = [t for kind, item in items for t in ((item[0],) if kind == "point" else item)]
-    tokens = cfg.epochs * sum(min(len(ids), cfg.max_length) for ids in tokenizer(texts)["input_ids"])
     result = ValueTrainResult(examples=len(examples), pairs=len(pairs), steps=len(history),
                               final_loss=sum(last) / len(last), loss_history=tuple(history), pair_accuracy=accuracy,
                               seconds=time.time() - started, model=str(out_dir), tokens=tokens)
@@ -255,30 +282,33 @@ def train_value(examples: Sequence[tuple[str, float]], pairs: Sequence[tuple[str
     return result
 
 
-def _accumulate(model, tokenizer, batch, point, pair, cfg: ValueTrainConfig) -> float:
+def _accumulate(model, tokenizer, batch, point, pair, cfg: ValueTrainConfig) -> tuple[float, int]:
     """Backpropagate one optimizer step's weighted losses in micro-batches of `cfg.micro_batch` items
     (an example, or a pair with its two sides): point losses are means over the step's examples, pair
-    losses over its pairs, so the gradient is the full batch's whatever the micro-batch. Returns the loss."""
+    losses over its pairs, so the gradient is the full batch's whatever the micro-batch. Returns the loss
+    and the tokens the forwards processed."""
     n_point = sum(kind == "point" for kind, _ in batch)
     n_pair = len(batch) - n_point
-    total = 0.0
+    total, tokens = 0.0, 0
     for start in range(0, len(batch), max(1, cfg.micro_batch)):
-        loss = _chunk_loss(model, tokenizer, batch[start:start + max(1, cfg.micro_batch)], point, pair, cfg,
-                           n_point, n_pair)
+        loss, seen = _chunk_loss(model, tokenizer, batch[start:start + max(1, cfg.micro_batch)], point, pair, cfg,
+                                 n_point, n_pair)
         loss.backward()
         total += float(loss.detach())
-    return total
+        tokens += seen
+    return total, tokens
 
 
 def _chunk_loss(model, tokenizer, chunk, point, pair, cfg: ValueTrainConfig, n_point: int, n_pair: int):
     """The weighted losses of a micro-batch, summed per item and divided by the step's item counts (both
-    sides of every pair scored in the same forward as the examples)."""
+    sides of every pair scored in the same forward as the examples), and the tokens of that forward."""
     import torch
 
     examples = [e for kind, e in chunk if kind == "point"]
     pairs = [p for kind, p in chunk if kind == "pair"]
     texts = [t for t, _ in examples] + [c for c, _ in pairs] + [r for _, r in pairs]
-    scores = score_texts(model, tokenizer, texts, max_length=cfg.max_length, batch_size=len(texts), grad=True)
+    scored = score_texts(model, tokenizer, texts, max_length=cfg.max_length, batch_size=len(texts), grad=True)
+    scores = scored.scores
     total = scores.new_zeros(())
     if examples:
         target = torch.tensor([y for _, y in examples], dtype=scores.dtype, device=scores.device)
@@ -289,7 +319,7 @@ def _chunk_loss(model, tokenizer, chunk, point, pair, cfg: ValueTrainConfig, n_p
         rejected = scores[len(examples) + len(pairs):]
         for name, weight in pair:
             total = total + weight * LOSSES[name][1](chosen, rejected).sum() / n_pair
-    return total
+    return total, sum(scored.tokens)
 
 
 def _save(model, tokenizer, out: Path, result: ValueTrainResult) -> None:
@@ -354,8 +384,9 @@ def run_job(job_path: str) -> ValueTrainResult:
 
 
 class ValueModelEvaluator:
-    """The search's Evaluator backed by a trained value model (holds the model, so it is a class):
-    one batched forward per call, score = sigmoid(value) of the partial solution's text."""
+    """The search's Evaluator backed by a trained value model (holds the model, so it is a class): a call
+    scores its requests in forwards of `batch_size` texts sorted by length, score = sigmoid(value) of the
+    partial solution's text."""
 
     def __init__(self, path: str | Path, prompt_text: Callable[[Any, tuple[str, ...]], str], *,
                  device: str = "auto", max_length: int = 768, batch_size: int = 16):
@@ -371,10 +402,10 @@ class ValueModelEvaluator:
         texts = [self.prompt_text(r.problem, tuple(r.steps)) for r in requests]
         if not texts:
             return []
-        scores = torch.sigmoid(score_texts(self.model, self.tokenizer, texts, max_length=self.max_length,
-                                           batch_size=self.batch_size))
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
-        return [Evaluation(score=float(s), prompt_tokens=n) for s, n in zip(scores.tolist(), lengths)]
+        scored = score_texts(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=self.batch_size,
+                             by_length=True)
+        return [Evaluation(score=float(s), prompt_tokens=n)
+                for s, n in zip(torch.sigmoid(scored.scores).tolist(), scored.tokens)]
 
     def close(self) -> None:
         self.model = None

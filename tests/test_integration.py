@@ -154,6 +154,36 @@ def test_best_of_n_ranks_samples_with_the_value_model(setup, value_dir, weightin
                           cfg=EvalConfig(mode="best_of_n", k=2), search=SEARCH, params=1000)
 
 
+def test_best_of_n_values_a_batch_of_problems_in_one_call(setup, value_dir, monkeypatch):
+    """best_of_n values all the samples of a sampling batch in one value-model call (micro-batched and
+    sorted by length inside it) and gives the same records as one call per problem (eval.batch_size=1,
+    the path before batching)."""
+    import policy.value_model as vm
+
+    backend, task, formatter = setup
+    problems = task.problems()[:4]
+    calls, forwards = [], []
+    evaluate, padded = vm.ValueModelEvaluator.evaluate, vm._padded
+    monkeypatch.setattr(vm.ValueModelEvaluator, "evaluate", lambda self, r: calls.append(len(r)) or evaluate(self, r))
+    monkeypatch.setattr(vm, "_padded", lambda rows, *a: forwards.append([len(r) for r in rows]) or padded(rows, *a))
+    results = {}
+    for batch_size in (1, 256):
+        calls.clear(), forwards.clear()
+        cfg = EvalConfig(mode="best_of_n", k=5, value_model=str(value_dir), weighting="weighted", batch_size=batch_size)
+        results[batch_size] = evaluate_problems(task, problems, backend=backend, formatter=formatter,
+                                                gen=replace(GEN, solution_max_tokens=8), cfg=cfg, search=SEARCH,
+                                                params=1000, seed=0)
+        results[batch_size]["calls"], results[batch_size]["forwards"] = list(calls), list(forwards)
+    per_problem, batched = results[1], results[256]
+    assert per_problem["calls"] == [len(f) for f in per_problem["forwards"]] == [5] * 4  # before: one per problem
+    assert batched["calls"] == [20] and [len(f) for f in batched["forwards"]] == [16, 4]  # after: one call, 2 forwards
+    in_order = [n for f in per_problem["forwards"] for n in f]  # token counts in problem order
+    assert [n for f in batched["forwards"] for n in f] == sorted(in_order) != in_order  # batched by length
+    for a, b in zip(per_problem["records"], batched["records"]):
+        assert a == b  # the same samples, scores (to the bit), answers and predictions
+    assert per_problem["compute"] == batched["compute"] and per_problem["accuracy"] == batched["accuracy"]
+
+
 def test_mcts_evaluation_with_the_value_model(setup, value_dir):
     backend, task, formatter = setup
     problems = task.problems()[:2]

@@ -84,6 +84,31 @@ def test_subprocess_trains_and_reports_failure(tiny_model_dir, tmp_path):
     assert not (tmp_path / "value2").exists()
 
 
+@pytest.mark.slow
+def test_tokens_are_counted_from_the_training_forwards(tiny_model_dir, tmp_path):
+    """The FLOP ledger's tokens: each trained text's tokens, cut to max_length, once per epoch (the count a
+    second tokenization of every text gave before); pairs only with a pair loss; the pair-accuracy pass not."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    long = GOOD + " So 7 is the sum of 3 and 4, and 4 + 3 = 7 too."
+    examples, pairs = [(GOOD, 1.0), (BAD, 0.0), (long, 1.0)], [(long, BAD)]
+    cfg = ValueTrainConfig(loss=("bce", "bt"), epochs=2, batch_size=3, micro_batch=2, max_length=32, device="cpu")
+    lengths = {t: len(ids) for t, ids in zip((GOOD, BAD, long), AutoTokenizer.from_pretrained(tiny_model_dir)(
+        [GOOD, BAD, long])["input_ids"])}
+    assert lengths[GOOD] < cfg.max_length < lengths[long]  # one text is cut
+
+    def count(texts):
+        return sum(min(lengths[t], cfg.max_length) for t in texts)
+
+    both = train_value(examples, pairs, base_path=str(tiny_model_dir), out_dir=str(tmp_path / "a"), cfg=cfg)
+    assert both.tokens == 2 * count([GOOD, BAD, long, long, BAD]) and both.pair_accuracy is not None
+    points = train_value(examples, pairs, base_path=str(tiny_model_dir), out_dir=str(tmp_path / "b"),
+                         cfg=replace(cfg, loss=("bce",), epochs=1))
+    assert points.tokens == count([GOOD, BAD, long])
+
+
 def test_nothing_to_train_on_is_named(tmp_path):
     with pytest.raises(ValueError, match="nothing to train on"):
         train_value([], [(GOOD, BAD)], base_path="unused", out_dir=str(tmp_path / "v"),
