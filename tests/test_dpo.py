@@ -43,6 +43,10 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def pairs(tokenizer) -> list[dict]:
+    return addition_pairs(tokenizer)
+
+
+def addition_pairs(tokenizer) -> list[dict]:
     """Eight hand-made step-level pairs: a right and a wrong addition step, with visit counts."""
     out = []
     for i in range(8):
