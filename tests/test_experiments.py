@@ -621,3 +621,41 @@ def test_analysis_of_a_loss_variant_and_the_seeds_reaching_the_search(smoke_runs
     assert (
         an.load_iterate_run(smoke_runs / "c").points[0].evals == an.load_iterate_run(smoke_runs / "a").points[0].evals
     )
+
+
+# ---- experiments/compare_runs.py -------------------------------------------------------------------
+
+
+def _fake_run(root: Path, *, seconds: float, answer: str = "4", weights: bytes = b"w") -> Path:
+    (root / "round_0" / "policy").mkdir(parents=True)
+    (root / "configs").mkdir()
+    (root / "configs" / "0-stamp.yaml").write_text(f"started: {seconds}\n")
+    calls = [{"ok": True, "seconds": seconds}]
+    tree = {"problem_id": "p1", "nodes": [{"id": 0, "answer": answer, "tool_calls": calls}]}
+    (root / "round_0" / "trees.jsonl").write_text(json.dumps(tree) + "\n")
+    (root / "round_0" / "train.json").write_text(json.dumps({"final_loss": 0.5, "seconds": seconds}))
+    (root / "round_0" / "fingerprints.json").write_text(json.dumps({"search": {"at": seconds}}))
+    (root / "metrics.jsonl").write_text(json.dumps({"round": 1, "time/search_s": seconds, "eval/a": 0.2}) + "\n")
+    (root / "round_0" / "policy" / "model.safetensors").write_bytes(weights)
+    return root
+
+
+def test_compare_runs_leaves_times_out_and_finds_the_first_difference(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import compare_runs
+    finally:
+        sys.path.pop(0)
+    a = _fake_run(tmp_path / "a", seconds=1.0)
+    same = compare_runs.compare(a, _fake_run(tmp_path / "b", seconds=9.0))
+    assert same["same"] and len(same["files"]) == 4  # fingerprints and config history are not compared
+    other = compare_runs.compare(a, _fake_run(tmp_path / "c", seconds=1.0, answer="5"))
+    assert not other["same"]
+    assert [r["difference"] for r in other["files"] if not r["same"]] == ["[0]/nodes[0]/answer"]
+    weights = compare_runs.compare(a, _fake_run(tmp_path / "d", seconds=1.0, weights=b"v"))
+    assert [r["file"] for r in weights["files"] if not r["same"]] == ["round_0/policy/model.safetensors"]
+    out = tmp_path / "out" / "cmp"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_runs.py"), str(a), str(tmp_path / "c"),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].startswith("different: 1 of 4 files")
+    assert "| round_0/trees.jsonl | no |" in out.with_suffix(".md").read_text()
