@@ -6,7 +6,8 @@
 # 1. Without a CUDA GPU (torch.cuda.is_available() false) it prints "gpu_check: no GPU: skipped" and exits 0.
 # 2. It installs the distributions of the wheel folder that this Python lacks (pip install --no-index
 #    --find-links WHEELS --no-deps, one at a time, into a temporary folder put on PYTHONPATH: the machine's
-#    own packages are neither replaced nor touched), then checks that the modules the tests import load.
+#    own packages are neither replaced nor touched), then checks that the modules the tests import load
+#    (what does not load is named on stderr and in the summary; the tests run anyway).
 # 3. It runs the tests marked gpu (tests/test_gpu.py; those needing vllm or deepspeed skip without them)
 #    and prints one summary line: the GPU, torch, what was installed, pytest's counts, the seconds.
 # Python: $PYTHON, else python3. The full pytest output goes to $GPU_CHECK_LOG (else a temporary file).
@@ -57,13 +58,11 @@ for name in sys.argv[1:]:
     except Exception as err:
         bad.append(f"{name} ({type(err).__name__}: {err})")
 print("; ".join(bad))' "${MODULES[@]}")
-if [[ -n "$broken" ]]; then
+if [[ -n "$broken" ]]; then  # the tests that need them fail with an ImportError; the others still run
   pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
   echo "gpu_check: cannot import: $broken; not installable from $WHEELS for Python $pyver: ${failed[*]:-none}" \
-    "(per-Python wheels: experiments/gpu_wheels.sh with GPU_PYTHON=$pyver)" >&2
-  exit 1
+    "(per-Python wheels: experiments/gpu_wheels.sh with GPU_PYTHON=$pyver); running the tests anyway" >&2
 fi
-
 [[ -d "$WHEELS/smollm2-tokenizer" ]] && export MCTSLOOP_GPU_TOKENIZER="$WHEELS/smollm2-tokenizer"
 log=${GPU_CHECK_LOG:-$(mktemp "${TMPDIR:-/tmp}/gpu_check-XXXXXX.log")}
 timeout "$LIMIT_S" "$PY" -m pytest -p no:cacheprovider -m gpu -rs tests/test_gpu.py >"$log" 2>&1
@@ -72,5 +71,5 @@ counts=$(grep -E "(passed|failed|skipped|error)" "$log" | tail -1 | tr -d '=' | 
 (( code == 124 )) && counts="timed out after ${LIMIT_S} s; ${counts}"
 torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
 echo "gpu_check: ${counts:-no pytest summary (exit $code)} | $gpu, torch $torch_version | installed: ${installed[*]:-nothing}" \
-  "| $(( $(date +%s) - started )) s | log $log"
+  "| not importable: ${broken:-nothing} | $(( $(date +%s) - started )) s | log $log"
 exit "$code"
