@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -33,6 +34,7 @@ LAUNCHERS = ("local", "ray")
 MISSING_RAY = ("launcher=ray needs the ray package: pip install -e '.[ray]' (or ray[default]>=2.40), "
                "or run with launcher=local")
 
+RESTART_POLL_S = 0.5  # how often a restarting worker is asked whether it is back (a cheap call)
 WORKER_ENV = {"TQDM_DISABLE": "1"}  # the driver's bars count the work; the workers' bars would interleave
 
 
@@ -49,6 +51,8 @@ class LauncherConfig:
     address: an existing Ray cluster to join ("auto": the one `ray start --head` started on this node, or
         host:port); empty: start a local one with workers x cpus_per_worker CPUs.
     max_restarts: times Ray restarts a worker that died; after that its problems go to live workers.
+    restart_timeout_s: how long the driver waits for a restarted worker before it gives the worker's
+        unfinished problems to a live one.
     """
 
     name: str = "local"
@@ -57,14 +61,15 @@ class LauncherConfig:
     cpus_per_worker: int = 1
     address: str = ""
     max_restarts: int = 1
+    restart_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.name not in LAUNCHERS:
             raise ValueError(f"launcher.name={self.name!r}: expected one of {', '.join(LAUNCHERS)}")
         if self.workers < 1 or self.cpus_per_worker < 1:
             raise ValueError("launcher.workers and launcher.cpus_per_worker must be >= 1")
-        if self.gpus_per_worker < 0 or self.max_restarts < 0:
-            raise ValueError("launcher.gpus_per_worker and launcher.max_restarts must be >= 0")
+        if self.gpus_per_worker < 0 or self.max_restarts < 0 or self.restart_timeout_s < 0:
+            raise ValueError("launcher.gpus_per_worker, max_restarts and restart_timeout_s must be >= 0")
 
 
 # --- pure helpers -----------------------------------------------------------------------------------
@@ -252,7 +257,7 @@ class RayEngines:
             except ray.exceptions.RayActorError as err:
                 del calls[gen]
                 left = [by_id[i] for i in call.ids if i not in done]
-                target = self._after_failure(call.worker, err, calls)
+                target = self._after_failure(call.worker, calls)
                 log.warning("launcher=ray: worker %d died (%s); its %d unfinished items go to worker %d", call.worker,
                             type(err).__name__, len(left), target)
                 if left:
@@ -274,13 +279,28 @@ class RayEngines:
             in_flight[call.worker] = in_flight.get(call.worker, 0) + 1
         return pick_worker(live, in_flight)
 
-    def _after_failure(self, w: int, err: Exception, calls: dict[Any, _Call]) -> int:
-        """The worker that takes a failed call's unfinished items: the same one while Ray may restart it,
-        else the live worker with the fewest calls in flight."""
+    def _after_failure(self, w: int, calls: dict[Any, _Call]) -> int:
+        """The worker that takes a failed call's unfinished items: the same one once Ray has restarted it,
+        else (no restart left, or not back in time) the live worker with the fewest calls in flight."""
         self.failures[w] = self.failures.get(w, 0) + 1
-        if self.failures[w] > self.cfg.max_restarts:
+        if self.failures[w] > self.cfg.max_restarts or not self._restarted(w):
             self.dead.add(w)
         return self._live_target(w, calls)
+
+    def _restarted(self, w: int) -> bool:
+        """Wait until Ray has restarted worker w (True), or it is dead for good or not back within
+        launcher.restart_timeout_s (False). Calls to a restarting actor fail at once, so it is polled."""
+        errors = self.ray.exceptions
+        deadline = time.monotonic() + self.cfg.restart_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.ray.get(self.workers[w].pid.remote(), timeout=max(0.0, deadline - time.monotonic()))
+                return True
+            except errors.ActorDiedError:
+                return False
+            except (errors.ActorUnavailableError, errors.GetTimeoutError):
+                time.sleep(RESTART_POLL_S)
+        return False
 
 
 @contextlib.contextmanager
