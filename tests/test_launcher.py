@@ -232,3 +232,42 @@ def test_killed_worker_loses_only_its_unfinished_trees(tiny_model_dir, tmp_path)
     assert len(ids) == 8 and len(set(ids)) == 8
     assert json.loads((run_dir / "round_0" / "search.json").read_text())["trees"] == 8
     assert (run_dir / "round_0" / "eval.json").is_file()
+
+
+# --- experiments/bench_launcher.py -------------------------------------------------------------------
+
+
+def load_bench_launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_launcher", ROOT / "experiments" / "bench_launcher.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_launcher_arithmetic():
+    bench = load_bench_launcher()
+    local = bench.Measured("local", 1, start_s=5.0, search_s=10.0, trees=8, generated_tokens=1000)
+    ray = bench.Measured("ray", 2, start_s=20.0, search_s=11.0, trees=8, generated_tokens=990)
+    cost = bench.sharding(local, ray)
+    assert cost["extra_time"] == pytest.approx(0.1) and cost["throughput_ratio"] == pytest.approx(0.9)
+    assert cost["per_engine_tokens_per_s"] == pytest.approx(45.0)
+    assert bench.projection(45.0, (1, 8)) == [{"engines": 1, "projected_tokens_per_s": 45.0},
+                                              {"engines": 8, "projected_tokens_per_s": 360.0}]
+
+
+@pytest.mark.slow
+def test_bench_launcher_runs_at_a_tiny_size(tiny_model_dir, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "bench.json"
+    proc = run_py("experiments/bench_launcher.py", "--problems", "4", "--simulations", "2", "--out", str(out),
+                  "model=tiny-random", "backend=hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["local"]["trees"] == result["ray"]["trees"] == 4
+    assert result["local"]["engines"] == 1 and result["ray"]["engines"] == 2
+    assert result["ray"]["generated_tokens"] > 0 and result["local"]["search_s"] > 0
+    assert [p["engines"] for p in result["projection"]] == list(load_bench_launcher().PROJECTED_ENGINES)
+    assert "PROJECTION (not measured)" in proc.stdout and "sharding cost" in proc.stdout
