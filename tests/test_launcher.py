@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, job_settings
+from experiments import bench_launcher as bench
 from harness.config import ConfigError
 from harness.evaluation import EvalConfig, evaluate_problems, merge_results
 from harness.launcher import LauncherConfig, pick_worker, shard, worker_cores
@@ -237,18 +238,7 @@ def test_killed_worker_loses_only_its_unfinished_trees(tiny_model_dir, tmp_path)
 # --- experiments/bench_launcher.py -------------------------------------------------------------------
 
 
-def load_bench_launcher():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_launcher", ROOT / "experiments" / "bench_launcher.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_launcher_arithmetic():
-    bench = load_bench_launcher()
     local = bench.Measured("local", 1, start_s=5.0, search_s=10.0, trees=8, generated_tokens=1000)
     ray = bench.Measured("ray", 2, start_s=20.0, search_s=11.0, trees=8, generated_tokens=990)
     cost = bench.sharding(local, ray)
@@ -269,5 +259,5 @@ def test_bench_launcher_runs_at_a_tiny_size(tiny_model_dir, tmp_path):
     assert result["local"]["trees"] == result["ray"]["trees"] == 4
     assert result["local"]["engines"] == 1 and result["ray"]["engines"] == 2
     assert result["ray"]["generated_tokens"] > 0 and result["local"]["search_s"] > 0
-    assert [p["engines"] for p in result["projection"]] == list(load_bench_launcher().PROJECTED_ENGINES)
+    assert [p["engines"] for p in result["projection"]] == list(bench.PROJECTED_ENGINES)
     assert "PROJECTION (not measured)" in proc.stdout and "sharding cost" in proc.stdout
