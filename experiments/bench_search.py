@@ -7,6 +7,7 @@ number of tokens (the engine's own ceiling on this machine).
     python experiments/bench_search.py --backend hf --model /path/to/hf-folder --trees 8 --simulations 4
     python experiments/bench_search.py --set gpu_memory_utilization=0.8 --set block_size=null  # on a GPU
     python experiments/bench_search.py --plot           # also writes <out>.png
+    python experiments/bench_search.py --modes batched,value_model,no_value --value-model runs/<name>/round_0/value
 
 Modes, on the same problems, model, engine settings and tree budget (SearchConfig: simulations, breadths,
 depth; GenerationConfig: step length):
@@ -21,6 +22,12 @@ depth; GenerationConfig: step length):
 - raw: one `backend.sample` call, no search and no stop string: each problem's question prompt, n samples
   each, so that there are about as many sequences as the batched search sampled, max_tokens = their mean
   length. Its tokens/s gives the time the engine needs for the batched run's generated tokens.
+- value_model, no_value (not run by default): the batched search with `search.value=model` (new children
+  valued by the trained value model `--value-model`, on `--value-set` settings: transformers in this
+  process unless value.engine says vllm) and with `search.value=none` (no value calls), on the batched
+  engine, at the same points. Against the batched run (`search.value=self_eval`) the report's `value`
+  section gives each one's search time, engine and value calls, tokens, the time spent in value calls and
+  its share, and the value-model search's time over the self-evaluating one's (issue 18: at most 1).
 
 For each: wall time, generated tokens/s, expansions/s, self-evaluations/s, prompt tokens and the share
 served from the prefix cache, and peak resident memory of this process plus the engine's processes
@@ -46,7 +53,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -57,6 +64,7 @@ if str(ROOT_DIR) not in sys.path:  # run as a script from anywhere
 import yaml  # noqa: E402
 
 from harness.machine import machine_info  # noqa: E402
+from policy.value_model import ValueConfig  # noqa: E402
 from mcts.search import SearchConfig, SearchStats, run_search  # noqa: E402
 from mcts.types import EvalRequest, Evaluation, Expansion, ExpandRequest, Problem  # noqa: E402
 from policy.backends import Backend, BackendConfig, SamplingSettings, make_backend  # noqa: E402
@@ -66,7 +74,11 @@ from policy.step_policy import GenerationConfig, StepPolicy  # noqa: E402
 log = logging.getLogger("bench_search")
 
 BATCHED, SEQUENTIAL, RAW = "batched", "sequential", "raw"
-MODES = (BATCHED, SEQUENTIAL, RAW)
+VALUE_MODEL, NO_VALUE = "value_model", "no_value"
+MODES = (BATCHED, SEQUENTIAL, RAW)  # the default
+ALL_MODES = (*MODES, VALUE_MODEL, NO_VALUE)
+SEARCH_VALUE = {BATCHED: "self_eval", VALUE_MODEL: "model", NO_VALUE: "none"}
+"""search.value of the lockstep modes the value comparison puts side by side."""
 DEFAULT_TREES = (8, 32, 128)
 DEFAULT_SIMULATIONS = (4, 8, 16)
 QUICK_TREES = (4, 8)
@@ -112,10 +124,12 @@ def merge_expansions(parts: Sequence[Expansion]) -> Expansion:
 
 class Timed:
     """Expander + Evaluator that accumulates the wall time spent inside expand and evaluate, and counts
-    the samples generated and the prompt and cached tokens of each kind of call."""
+    the samples generated and the prompt and cached tokens of each kind of call. Evaluate calls go to
+    `evaluator` when given (a value model), else to the policy (self-evaluation)."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, evaluator=None):
         self.policy = policy
+        self.evaluator = evaluator or policy
         self.expand_s = 0.0
         self.evaluate_s = 0.0
         self.samples = 0
@@ -139,7 +153,7 @@ class Timed:
 
     def evaluate(self, requests: Sequence[EvalRequest]) -> list[Evaluation]:
         start = time.perf_counter()
-        evaluations = self.policy.evaluate(requests)
+        evaluations = self.evaluator.evaluate(requests)
         seconds = time.perf_counter() - start
         self.evaluate_s += seconds
         prompt, cached = sum(e.prompt_tokens for e in evaluations), sum(e.cached_tokens for e in evaluations)
@@ -230,6 +244,8 @@ class Run:
         tree_prompt_tokens: the trees' records (a consistency check).
     simulations_run: simulations summed over trees (budget: trees x simulations; a tree whose root is
         resolved stops earlier). expand/evaluate_seconds: wall time inside those calls.
+    value_calls: the search's evaluate calls (self-evaluation through the engine, or the value model's; the
+        eval_* tokens are theirs); engine_calls counts only the former.
     peak_rss_mb, rss_before_mb: resident memory (process + engine) peak during and just before the run;
         peak_own_rss_mb: this process alone (the search, its trees), peak during the run.
     load_before/after: os.getloadavg() (other jobs on the machine)."""
@@ -261,6 +277,7 @@ class Run:
     simulations_run: float = 0
     expand_seconds: float = 0.0
     evaluate_seconds: float = 0.0
+    value_calls: float = 0
     scale: float = 1.0
     calls: tuple[CallRecord, ...] = ()  # batched search only: its engine calls, one line each
 
@@ -268,7 +285,7 @@ class Run:
 EXTENSIVE = ("seconds", "engine_calls", "engine_generated_tokens", "prompt_tokens", "cached_tokens",
              "generated_tokens", "samples", "expansions", "evaluations", "tree_prompt_tokens",
              "expand_prompt_tokens", "expand_cached_tokens", "eval_prompt_tokens", "eval_cached_tokens",
-             "simulations_run", "expand_seconds", "evaluate_seconds")
+             "simulations_run", "expand_seconds", "evaluate_seconds", "value_calls")
 
 
 def scaled(run: Run, trees: int) -> Run:
@@ -324,6 +341,62 @@ def compare(batched: Run, sequential: Run | None, raw: Run | None) -> Ratios:
                   sequential.measured_trees if sequential else 0)
 
 
+@dataclass(frozen=True)
+class ValueCost:
+    """What valuing new children costs the batched search at one point (trees, simulations; one budget).
+
+    value: search.value (self_eval: the batched run; model; none). seconds: the search's time;
+    engine_calls: generation-engine calls (self-evaluations included); value_calls: the search's evaluate
+    calls; generated_tokens; engine_prompt_tokens: prompt tokens the engine processed; value_prompt_tokens:
+    those of the value calls (the engine's for self_eval, the value model's for model); value_seconds: time
+    inside the value calls; value_share: value_seconds / seconds; vs_self_eval: seconds over the self_eval
+    run's (None without it)."""
+
+    trees: int
+    simulations: int
+    value: str
+    seconds: float
+    engine_calls: float
+    value_calls: float
+    generated_tokens: float
+    engine_prompt_tokens: float
+    value_prompt_tokens: float
+    value_seconds: float
+    value_share: float
+    vs_self_eval: float | None
+
+
+def value_costs(runs: Sequence[Run], points: Sequence[Point]) -> list[ValueCost]:
+    """The value comparison, per point where a value mode ran: self_eval, model, none (those that ran)."""
+    out = []
+    for p in points:
+        if find(runs, VALUE_MODEL, p) is None and find(runs, NO_VALUE, p) is None:
+            continue
+        base = find(runs, BATCHED, p)
+        for mode in (BATCHED, VALUE_MODEL, NO_VALUE):
+            r = find(runs, mode, p)
+            if r is not None:
+                out.append(ValueCost(
+                    r.trees, r.simulations, SEARCH_VALUE[mode], r.seconds, r.engine_calls, r.value_calls,
+                    r.generated_tokens, r.prompt_tokens, r.eval_prompt_tokens, r.evaluate_seconds,
+                    share(r.evaluate_seconds, r.seconds), r.seconds / base.seconds if base else None))
+    return out
+
+
+VALUE_HEADER = (f"{'trees':>5s} {'sims':>4s} {'value':9s} {'time s':>9s} {'engine calls':>12s} {'value calls':>11s} "
+                f"{'gen tok':>9s} {'engine prompt tok':>17s} {'value tok':>10s} {'value s':>8s} {'value %':>7s} "
+                f"{'vs self_eval':>12s}")
+
+
+def value_table(costs: Sequence[ValueCost]) -> str:
+    lines = [VALUE_HEADER]
+    lines += [f"{c.trees:5d} {c.simulations:4d} {c.value:9s} {c.seconds:9.1f} {c.engine_calls:12.0f} "
+              f"{c.value_calls:11.0f} {c.generated_tokens:9.0f} {c.engine_prompt_tokens:17.0f} "
+              f"{c.value_prompt_tokens:10.0f} {c.value_seconds:8.1f} {100 * c.value_share:7.1f} "
+              f"{fmt(c.vs_self_eval, '12.2f')}" for c in costs]
+    return "\n".join(lines)
+
+
 def fmt(value: float | None, spec: str) -> str:
     """`value` formatted by `spec`; "-" (as wide as the spec says) when there is no value."""
     if value is None:
@@ -361,12 +434,13 @@ def reset_prefix_cache(backend: Backend) -> None:
 
 
 def search_run(mode: str, policy: StepPolicy, problems: Sequence[Problem], verifier, *, config: SearchConfig,
-               seed: int, profile: cProfile.Profile | None = None) -> Run:
-    """Grow one tree per problem in `mode` (batched: all in lockstep; sequential: one tree and one
-    request at a time) and measure it."""
+               seed: int, profile: cProfile.Profile | None = None, evaluator=None) -> Run:
+    """Grow one tree per problem in `mode` (sequential: one tree and one request at a time; the others: all
+    in lockstep) and measure it. New children are valued as `config.value` says, by `evaluator` when given
+    (a value model), else by the policy's self-evaluation."""
     one_at_a_time = mode == SEQUENTIAL
     config = replace(config, batch_trees=1 if one_at_a_time else len(problems))
-    timed = Timed(OneAtATime(policy) if one_at_a_time else policy)
+    timed = Timed(OneAtATime(policy) if one_at_a_time else policy, evaluator)
     stats = SearchStats()
     totals = dict(generated_tokens=0, prompt_tokens=0, simulations=0)  # from the trees' records
     with measured(policy.backend) as info:
@@ -386,7 +460,7 @@ def search_run(mode: str, policy: StepPolicy, problems: Sequence[Problem], verif
         expand_prompt_tokens=timed.expand_prompt_tokens, expand_cached_tokens=timed.expand_cached_tokens,
         eval_prompt_tokens=timed.eval_prompt_tokens, eval_cached_tokens=timed.eval_cached_tokens,
         simulations_run=totals["simulations"], expand_seconds=timed.expand_s, evaluate_seconds=timed.evaluate_s,
-        calls=() if one_at_a_time else tuple(timed.calls),
+        value_calls=sum(c.kind == "evaluate" for c in timed.calls), calls=() if one_at_a_time else tuple(timed.calls),
     )
 
 
@@ -454,6 +528,8 @@ class Setup:
     generation: GenerationConfig
     prompt: PromptConfig
     seed: int = 0
+    value_model: str | None = None  # a trained value model folder: the value_model mode's
+    value: ValueConfig = field(default_factory=ValueConfig)  # how it is served (engine, device, search_batch)
 
 
 def run_benchmark(setup: Setup, points: Sequence[Point], *, modes: Sequence[str] = MODES,
@@ -461,10 +537,12 @@ def run_benchmark(setup: Setup, points: Sequence[Point], *, modes: Sequence[str]
                   profile_point: Point | None = None) -> tuple[list[Run], dict]:
     """Every mode at every point. Batched and raw share one engine (prefix cache on); sequential runs on
     its own engine with the prefix cache off, measured once per simulation count on the first
-    `sequential_trees` problems and scaled to each point's tree count. Returns the runs and, per engine,
-    its start seconds and preallocated KV-cache size (`engine_facts`)."""
+    `sequential_trees` problems and scaled to each point's tree count. The value modes run on the batched
+    engine after the batched runs (`value_runs`). Returns the runs and, per engine, its start seconds and
+    preallocated KV-cache size (`engine_facts`; for the value model, `value_evaluator`'s facts)."""
     from policy.models import load_tokenizer
 
+    check_value_model(setup, modes)
     most = max(p.trees for p in points)
     if len(setup.problems) < most + WARMUP_TREES:
         raise ValueError(f"{len(setup.problems)} problems: need {most} + {WARMUP_TREES} for warm-up")
@@ -473,12 +551,13 @@ def run_benchmark(setup: Setup, points: Sequence[Point], *, modes: Sequence[str]
     kw = dict(config=setup.search, seed=setup.seed)
     runs: list[Run] = []
     engines: dict[str, dict] = {}
-    if BATCHED in modes:
+    valued = [m for m in (VALUE_MODEL, NO_VALUE) if m in modes]
+    if BATCHED in modes or valued:
         with engine(setup.backend, setup.model_path) as backend:
             engines[BATCHED] = engine_facts(backend)
             policy = StepPolicy(backend, formatter, setup.generation, eval_with_reference=False)
             warm_up(policy, warm, setup.task, **kw)
-            for p in points:
+            for p in points if BATCHED in modes else ():
                 probs = measured_problems[:p.trees]
                 cfg = replace(setup.search, simulations=p.simulations)
                 b = search_run(BATCHED, policy, probs, setup.task, config=cfg, seed=setup.seed,
@@ -490,6 +569,8 @@ def run_benchmark(setup: Setup, points: Sequence[Point], *, modes: Sequence[str]
                                 tokens=b.generated_tokens, simulations=p.simulations, gen=setup.generation)
                     runs.append(r)
                     log.info("%s", row_text(r))
+            if valued:
+                runs.extend(value_runs(setup, policy, measured_problems, warm, points, valued, engines))
     if SEQUENTIAL in modes:
         with engine(replace(setup.backend, enable_prefix_caching=False), setup.model_path) as backend:
             engines[SEQUENTIAL] = engine_facts(backend)
@@ -503,6 +584,59 @@ def run_benchmark(setup: Setup, points: Sequence[Point], *, modes: Sequence[str]
                 log.info("%s", row_text(m))
                 runs.extend(scaled(m, p.trees) for p in at)
     return runs, engines
+
+
+def check_value_model(setup: Setup, modes: Sequence[str]) -> None:
+    """The value_model mode needs a finished value model folder; fail before any engine starts."""
+    from policy.value_model import value_complete
+
+    if VALUE_MODEL in modes and not (setup.value_model and value_complete(setup.value_model)):
+        raise ValueError(f"mode {VALUE_MODEL} needs --value-model <a trained value model folder, e.g. "
+                         f"runs/<name>/round_0/value>; got {setup.value_model!r}")
+
+
+def value_evaluator(setup: Setup, formatter: PromptFormatter) -> tuple[object, dict]:
+    """The search's value Evaluator for `setup.value_model`, as the loop builds it (policy/value_model.py),
+    and its facts: load seconds, resident memory after, what serves it and its batch size."""
+    from policy.value_model import make_value_evaluator
+
+    v = setup.value
+    start = time.perf_counter()
+    evaluator = make_value_evaluator(setup.value_model, formatter.value_prompt, engine=v.engine, device=v.device,
+                                     max_length=v.train.max_length, batch_size=v.search_batch,
+                                     backend_cfg=setup.backend)
+    facts = dict(start_seconds=time.perf_counter() - start, rss_after_start_mb=resident_bytes()[1] / MIB,
+                 path=setup.value_model, served_by=type(evaluator).__name__, batch_size=v.search_batch)
+    return evaluator, facts
+
+
+def value_runs(setup: Setup, policy: StepPolicy, problems: Sequence[Problem], warm: Sequence[Problem],
+               points: Sequence[Point], modes: Sequence[str], engines: dict) -> list[Run]:
+    """The lockstep search at every point with `search.value` = model (the value model, loaded and warmed
+    up outside every timed region, after the batched runs so that their memory figures do not hold it)
+    and = none, on the batched mode's engine and budget."""
+    evaluator = None
+    if VALUE_MODEL in modes:
+        evaluator, engines[VALUE_MODEL] = value_evaluator(setup, policy.formatter)
+    runs = []
+    try:
+        if evaluator is not None:
+            config = replace(setup.search, value="model", simulations=WARMUP_SIMULATIONS, batch_trees=len(warm))
+            for _ in run_search(warm, expander=policy, evaluator=evaluator, verifier=setup.task, config=config,
+                                seed=setup.seed):
+                pass
+        for p in points:
+            for mode in modes:
+                reset_prefix_cache(getattr(evaluator, "backend", None))  # a vLLM pooling engine's
+                run = search_run(mode, policy, problems[:p.trees], setup.task, seed=setup.seed,
+                                 config=replace(setup.search, simulations=p.simulations, value=SEARCH_VALUE[mode]),
+                                 evaluator=evaluator if mode == VALUE_MODEL else None)
+                runs.append(run)
+                log.info("%s", row_text(run))
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+    return runs
 
 
 # ---- reporting -----------------------------------------------------------------------------------
@@ -521,19 +655,19 @@ def comparisons(runs: Sequence[Run], points: Sequence[Point]) -> list[Ratios]:
 def row_text(r: Run) -> str:
     d = rates(r)
     note = f"measured on {r.measured_trees} trees, scaled" if r.measured_trees != r.trees else ""
-    return (f"{r.trees:5d} {r.simulations:4d} {r.mode:10s} {r.seconds:9.1f} {r.evaluate_seconds:7.1f} "
+    return (f"{r.trees:5d} {r.simulations:4d} {r.mode:11s} {r.seconds:9.1f} {r.evaluate_seconds:7.1f} "
             f"{d['seconds_per_tree']:7.2f} "
             f"{r.generated_tokens:9.0f} {d['tokens_per_s']:7.1f} {d['expansions_per_s']:7.2f} "
             f"{d['evaluations_per_s']:7.2f} {r.prompt_tokens:10.0f} {100 * d['cached_share']:6.1f} "
             f"{r.peak_rss_mb:8.0f}  {note}")
 
 
-HEADER = (f"{'trees':>5s} {'sims':>4s} {'mode':10s} {'time s':>9s} {'eval s':>7s} {'s/tree':>7s} {'gen tok':>9s} "
+HEADER = (f"{'trees':>5s} {'sims':>4s} {'mode':11s} {'time s':>9s} {'eval s':>7s} {'s/tree':>7s} {'gen tok':>9s} "
           f"{'tok/s':>7s} {'exp/s':>7s} {'eval/s':>7s} {'prompt tok':>10s} {'cache%':>6s} {'peak MB':>8s}")
 
 
 def table(runs: Sequence[Run], ratios: Sequence[Ratios]) -> str:
-    order = {m: i for i, m in enumerate(MODES)}
+    order = {m: i for i, m in enumerate(ALL_MODES)}
     lines = [HEADER, *(row_text(r) for r in sorted(runs, key=lambda r: (r.simulations, r.trees, order[r.mode])))]
     lines += ["", f"{'trees':>5s} {'sims':>4s} {'speedup':>8s} {'speedup/tok':>11s} {'overhead':>8s}"]
     lines += [f"{q.trees:5d} {q.simulations:4d} {fmt(q.speedup, '8.1f')} {fmt(q.speedup_per_token, '11.1f')} "
@@ -541,12 +675,16 @@ def table(runs: Sequence[Run], ratios: Sequence[Ratios]) -> str:
               + (f"  (sequential measured on {q.sequential_measured_trees} trees, scaled)"
                  if q.sequential_measured_trees and q.sequential_measured_trees != q.trees else "")
               for q in ratios]
+    costs = value_costs(runs, sorted({Point(r.trees, r.simulations) for r in runs},
+                                     key=lambda p: (p.simulations, p.trees)))
+    if costs:
+        lines += ["", "what values new children (search.value), at the same budget:", value_table(costs)]
     return "\n".join(lines)
 
 
 def markdown_table(runs: Sequence[Run], ratios: Sequence[Ratios]) -> str:
     """The same figures as `table`, as markdown (for docs/results/bench_search.md)."""
-    order = {m: i for i, m in enumerate(MODES)}
+    order = {m: i for i, m in enumerate(ALL_MODES)}
     ratio = {(q.trees, q.simulations): q for q in ratios}
     lines = ["| trees | sims | mode | time s | in self-eval s | s/tree | gen tokens | tok/s | expansions/s | "
              "self-evals/s | prompt tokens | cached | peak RSS MB | speedup (time / per token) | overhead |",
@@ -632,6 +770,7 @@ def setup_meta(setup: Setup, points: Sequence[Point]) -> dict:
     """What was measured, where and when (the JSON's `meta`)."""
     return dict(model=setup.model_path, backend=asdict(setup.backend), search=asdict(setup.search),
                 prompt=asdict(setup.prompt), generation=asdict(setup.generation), seed=setup.seed,
+                value_model=setup.value_model, value=asdict(setup.value),
                 points=[asdict(p) for p in points], commit=git_commit(), python=platform.python_version(),
                 machine=platform.machine(), cpus=os.cpu_count(), load_end=os.getloadavg(), host=machine_info(),
                 env={k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "OMP_"))},
@@ -640,7 +779,8 @@ def setup_meta(setup: Setup, points: Sequence[Point]) -> dict:
 
 def report(runs: Sequence[Run], *, meta: dict, engines: dict | None = None) -> dict:
     """The JSON written: meta (with `points` and `base_simulations`), engines, targets, ratios, growth,
-    runs (with their derived rates), and the table as text and as markdown."""
+    value (`value_costs`: empty without the value modes), runs (with their derived rates), and the table
+    as text and as markdown."""
     points = [Point(**p) for p in meta["points"]]
     base_simulations = meta["base_simulations"]
     ratios = comparisons(runs, points)
@@ -650,6 +790,7 @@ def report(runs: Sequence[Run], *, meta: dict, engines: dict | None = None) -> d
         targets=targets(runs, ratios, base_simulations),
         ratios=[asdict(q) for q in ratios],
         growth=growth(runs, base_simulations),
+        value=[asdict(c) for c in value_costs(runs, points)],
         runs=[dict(asdict(r), **rates(r)) for r in runs],
         table=table(runs, ratios),
         markdown=markdown_table(runs, ratios),
@@ -676,7 +817,7 @@ def plot(result: dict, path: Path, *, base_trees: int, base_simulations: int) ->
 
     runs = result["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for mode in MODES:
+    for mode in ALL_MODES:
         for ax, key, fixed, fixed_value in ((axes[0], "trees", "simulations", base_simulations),
                                             (axes[1], "simulations", "trees", base_trees)):
             rs = sorted((r for r in runs if r["mode"] == mode and r[fixed] == fixed_value), key=lambda r: r[key])
@@ -764,7 +905,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--base-trees", type=int, help="trees of the simulations sweep (default: 32 if swept, else middle)")
     ap.add_argument("--base-simulations", type=int, help="simulations of the trees sweep (default: the middle one)")
     ap.add_argument("--full-grid", action="store_true", help="every (trees, simulations) pair, not the star")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of batched,sequential,raw")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated subset of {','.join(ALL_MODES)} (default {','.join(MODES)})")
+    ap.add_argument("--value-model", help="a trained value model folder (round_<k>/value): the value_model mode's")
+    ap.add_argument("--value-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="value config override (policy.value_model.ValueConfig: engine, device, search_batch)")
     ap.add_argument("--sequential-trees", type=int,
                     help=f"trees sequential is measured on (default {SEQUENTIAL_TREES})")
     ap.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
@@ -817,8 +962,10 @@ def measure(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict:
     base_sims = args.base_simulations or middle(sims)
     points = make_plan(trees, sims, base_trees=base_trees, base_simulations=base_sims, full_grid=args.full_grid)
     modes = tuple(m for m in args.modes.split(",") if m)
-    if unknown := set(modes) - set(MODES):
+    if unknown := set(modes) - set(ALL_MODES):
         raise SystemExit(f"--modes: unknown {sorted(unknown)}")
+    if VALUE_MODEL in modes and not args.value_model:
+        raise SystemExit(f"--modes {VALUE_MODEL} needs --value-model <a trained value model folder>")
 
     from tasks import TaskConfig, make_task
 
@@ -826,7 +973,8 @@ def measure(args: argparse.Namespace, profile: cProfile.Profile | None) -> dict:
     setup = Setup(model_path=model_path(args.model), backend=backend_config(args.backend, args.set), task=task,
                   problems=tuple(task.problems()), search=overridden(SearchConfig(), args.search_set),
                   generation=overridden(GenerationConfig(), args.generation_set),
-                  prompt=overridden(PromptConfig(), args.prompt_set), seed=args.seed)
+                  prompt=overridden(PromptConfig(), args.prompt_set), seed=args.seed,
+                  value_model=args.value_model, value=overridden(ValueConfig(), args.value_set))
     load_start = os.getloadavg()
     runs, engines = run_benchmark(
         setup, points, modes=modes, profile=profile, profile_point=Point(base_trees, base_sims),

@@ -56,6 +56,18 @@ def tiny_model_dir(default_model_dir, tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", default_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_value_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A value model on the tiny model, one step on two texts: enough to serve scores, not to rank well."""
+    from policy.value_model import ValueTrainConfig, train_value
+
+    out = tmp_path_factory.mktemp("value") / "value"
+    train_value([("Sam has 2 pens. The answer is 4.", 1.0), ("Sam has 2 pens. The answer is 5.", 0.0)], [],
+                base_path=str(tiny_model_dir), out_dir=str(out),
+                cfg=ValueTrainConfig(loss=("bce",), epochs=1, batch_size=2, max_length=32, device="cpu"))
+    return out
+
+
 def vllm_available() -> bool:
     import importlib.util
 

@@ -1,5 +1,5 @@
-"""experiments/bench_search.py at a small size on the tiny model: the accounting of its three modes
-(same budget, consistent token and call counts, scaling, ratios), not its speed."""
+"""experiments/bench_search.py at a small size on the tiny model: the accounting of its modes (same
+budget, consistent token and call counts, scaling, ratios; the value comparison), not its speed."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,63 @@ def test_vllm_batched_and_raw_accounting(tiny_model_dir):
     check_search_accounting(batched)
     assert 0 < batched.cached_tokens < batched.prompt_tokens  # the prefix cache serves shared prompt heads
     assert raw.generated_tokens > 0
+
+
+VALUE_MODES = (bench.BATCHED, bench.VALUE_MODEL, bench.NO_VALUE)
+
+
+@pytest.fixture(scope="module")
+def value_result(tiny_model_dir, tiny_value_dir):
+    from policy.value_model import ValueConfig
+
+    setup = replace(setup_for(tiny_model_dir, BackendConfig(name="hf", dtype="float32", max_batch_size=64)),
+                    value_model=str(tiny_value_dir), value=ValueConfig(engine="hf", device="cpu", search_batch=4))
+    point = bench.Point(max(TREES), SIMULATIONS)
+    runs, engines = bench.run_benchmark(setup, [point], modes=VALUE_MODES)
+    meta = dict(bench.setup_meta(setup, [point]), base_trees=point.trees, base_simulations=SIMULATIONS)
+    return runs, engines, bench.report(runs, meta=meta, engines=engines)
+
+
+def test_value_modes_search_at_the_same_budget_and_report_what_valuing_costs(value_result, tmp_path):
+    runs, engines, result = value_result
+    assert sorted(r.mode for r in runs) == sorted(VALUE_MODES)
+    self_eval, model, none = (by(runs, m, max(TREES)) for m in VALUE_MODES)
+    for r in (self_eval, model, none):
+        assert r.simulations == SIMULATIONS and r.trees <= r.simulations_run <= r.trees * r.simulations
+        assert r.value_calls == sum(c.kind == "evaluate" for c in r.calls)
+        assert r.tree_prompt_tokens == r.expand_prompt_tokens + r.eval_prompt_tokens
+    check_search_accounting(self_eval)
+    assert self_eval.value_calls > 0 and self_eval.prompt_tokens == self_eval.tree_prompt_tokens
+    # the value model answers the evaluate calls, not the engine: its tokens are the value calls' alone
+    assert model.value_calls > 0 and model.evaluations > 0 and model.eval_prompt_tokens > 0
+    assert model.prompt_tokens == model.expand_prompt_tokens and model.eval_cached_tokens == 0
+    # one sample call per expand call here (breadth_root == breadth); a self-evaluation is one engine call more
+    assert self_eval.engine_calls == sum(c.kind == "expand" for c in self_eval.calls) + self_eval.value_calls
+    assert model.engine_calls == sum(c.kind == "expand" for c in model.calls)
+    assert none.engine_calls == sum(c.kind == "expand" for c in none.calls)
+    assert none.value_calls == none.evaluations == none.eval_prompt_tokens == none.evaluate_seconds == 0
+    assert engines[bench.VALUE_MODEL]["served_by"] == "ValueModelEvaluator"
+    assert engines[bench.VALUE_MODEL]["batch_size"] == 4
+    costs = result["value"]
+    assert [c["value"] for c in costs] == ["self_eval", "model", "none"]
+    for c, r in zip(costs, (self_eval, model, none)):
+        assert (c["seconds"], c["engine_calls"], c["value_calls"]) == (r.seconds, r.engine_calls, r.value_calls)
+        assert (c["engine_prompt_tokens"], c["value_prompt_tokens"]) == (r.prompt_tokens, r.eval_prompt_tokens)
+        assert c["value_share"] == pytest.approx(r.evaluate_seconds / r.seconds)
+        assert c["vs_self_eval"] == pytest.approx(r.seconds / self_eval.seconds)
+    assert 0 < costs[1]["value_share"] < 1 and costs[2]["value_share"] == 0
+    assert "what values new children" in result["table"] and bench.VALUE_HEADER in result["table"]
+    text = json.dumps(result)
+    assert "NaN" not in text
+    path = tmp_path / "bench.json"
+    path.write_text(text)
+    again = bench.main(["--report-only", str(path), "--out", str(tmp_path / "again.json")])
+    assert again["value"] == costs and again["table"] == result["table"]
+
+
+def test_value_model_mode_needs_a_trained_value_model(tiny_model_dir, tmp_path):
+    setup = setup_for(tiny_model_dir, BackendConfig(name="hf", dtype="float32"))
+    with pytest.raises(ValueError, match="needs --value-model"):  # before any engine starts
+        bench.run_benchmark(replace(setup, value_model=str(tmp_path)), [bench.Point(1, 1)], modes=(bench.VALUE_MODEL,))
+    with pytest.raises(SystemExit, match="needs --value-model"):
+        bench.main(["--modes", "batched,value_model", "--out", str(tmp_path / "b.json")])

@@ -124,24 +124,13 @@ def test_search_command_writes_trees_and_viewer(tiny_model_dir, tmp_path):
     assert "<html" in html.lower() and trees[0].problem.id in html
 
 
-@pytest.fixture(scope="module")
-def value_dir(tiny_model_dir, tmp_path_factory):
-    from policy.value_model import ValueTrainConfig, train_value
-
-    out = tmp_path_factory.mktemp("value") / "value"
-    train_value([("Sam has 2 pens. The answer is 4.", 1.0), ("Sam has 2 pens. The answer is 5.", 0.0)], [],
-                base_path=str(tiny_model_dir), out_dir=str(out),
-                cfg=ValueTrainConfig(loss=("bce",), epochs=1, batch_size=2, max_length=32, device="cpu"))
-    return out
-
-
 @pytest.mark.parametrize("weighting", ["plain", "weighted"])
-def test_best_of_n_ranks_samples_with_the_value_model(setup, value_dir, weighting):
+def test_best_of_n_ranks_samples_with_the_value_model(setup, tiny_value_dir, weighting):
     from harness.evaluation import ranked_answer
 
     backend, task, formatter = setup
     problems = task.problems()[:3]
-    cfg = EvalConfig(mode="best_of_n", k=3, value_model=str(value_dir), weighting=weighting)
+    cfg = EvalConfig(mode="best_of_n", k=3, value_model=str(tiny_value_dir), weighting=weighting)
     result = evaluate_problems(task, problems, backend=backend, formatter=formatter, gen=GEN, cfg=cfg,
                                search=SEARCH, params=1000, seed=0)
     same = lambda a, b: task.is_correct(b, Problem("vote", "", a))  # noqa: E731
@@ -154,7 +143,7 @@ def test_best_of_n_ranks_samples_with_the_value_model(setup, value_dir, weightin
                           cfg=EvalConfig(mode="best_of_n", k=2), search=SEARCH, params=1000)
 
 
-def test_best_of_n_values_a_batch_of_problems_in_one_call(setup, value_dir, monkeypatch):
+def test_best_of_n_values_a_batch_of_problems_in_one_call(setup, tiny_value_dir, monkeypatch):
     """best_of_n values all the samples of a sampling batch in one value-model call (micro-batched and
     sorted by length inside it) and gives the same records as one call per problem (eval.batch_size=1,
     the path before batching)."""
@@ -169,7 +158,8 @@ def test_best_of_n_values_a_batch_of_problems_in_one_call(setup, value_dir, monk
     results = {}
     for batch_size in (1, 256):
         calls.clear(), forwards.clear()
-        cfg = EvalConfig(mode="best_of_n", k=5, value_model=str(value_dir), weighting="weighted", batch_size=batch_size)
+        cfg = EvalConfig(mode="best_of_n", k=5, value_model=str(tiny_value_dir), weighting="weighted",
+                         batch_size=batch_size)
         results[batch_size] = evaluate_problems(task, problems, backend=backend, formatter=formatter,
                                                 gen=replace(GEN, solution_max_tokens=8), cfg=cfg, search=SEARCH,
                                                 params=1000, seed=0)
@@ -184,10 +174,10 @@ def test_best_of_n_values_a_batch_of_problems_in_one_call(setup, value_dir, monk
     assert per_problem["compute"] == batched["compute"] and per_problem["accuracy"] == batched["accuracy"]
 
 
-def test_mcts_evaluation_with_the_value_model(setup, value_dir):
+def test_mcts_evaluation_with_the_value_model(setup, tiny_value_dir):
     backend, task, formatter = setup
     problems = task.problems()[:2]
     result = evaluate_problems(task, problems, backend=backend, formatter=formatter, gen=GEN,
-                               cfg=EvalConfig(mode="mcts", value_model=str(value_dir)),
+                               cfg=EvalConfig(mode="mcts", value_model=str(tiny_value_dir)),
                                search=replace(SEARCH, value="model"), params=1000)
     assert result["n"] == 2 and result["compute"]["prompt_tokens"] > 0
