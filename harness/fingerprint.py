@@ -56,6 +56,8 @@ IGNORED = (
     "train.device",             # the hardware a run trains on (ours)
     "train.malloc_reuse",       # how the training process allocates memory, not what it computes (policy/dpo.py)
     "train.shared_prompt",      # one pass per pair's prompt: same log-probs up to rounding (policy/shared_prompt.py)
+    "train.launcher",           # how training processes start; train.processes (the batch) is kept (policy/dpo.py)
+    "train.accelerate_config",  # DDP, ZeRO-3 or FSDP: how ranks share the work, not the batch (policy/dpo.py)
 )
 """Keys that decide nothing already done, so a re-run may change them: the one documented place
 (docs/resume.md). An entry matches the key itself and every key below it."""
