@@ -253,7 +253,8 @@ def test_bench_launcher_runs_at_a_tiny_size(tiny_model_dir, tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "bench.json"
     proc = run_py("experiments/bench_launcher.py", "--problems", "4", "--simulations", "2", "--out", str(out),
-                  "model=tiny-random", "backend=hf")
+                  "model=tiny-random", "backend=hf", "tool=none", "generation.step_max_tokens=8",
+                  "generation.solution_max_tokens=16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["local"]["trees"] == result["ray"]["trees"] == 4
