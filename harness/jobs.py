@@ -53,7 +53,7 @@ def search_evaluator(s: Any, run_dir: Path, k: int, policy: StepPolicy, formatte
     until one exists)."""
     if s.search.value != "model" or s.pairs.source == "sampling":
         return policy, s.search, None
-    path = search_value_model(s, run_dir, k)
+    path = latest_value_model(run_dir, k)
     if path is None:
         log.info("round %d search: no value model yet; new children are scored by %s (value.before_model)", k,
                  s.value.before_model)

@@ -88,6 +88,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from harness.console import FILE_ONLY
+from harness.rundir import replace_dir
 from harness.rundir import write_json_atomic as write_json
 from mcts.jsonl import read_jsonl
 from policy.models import check_device, resolve_device
@@ -899,14 +900,6 @@ def _summarize(log_history: list[dict[str, Any]], *, epochs: int) -> dict[str, A
                 reward_accuracy=mean("rewards/accuracies"), **histories)
 
 
-def _replace_dir(new: Path, out: Path) -> None:
-    """Rename the finished folder `new` to `out`, replacing an older `out` (a finished checkpoint whose
-    train.json was not written before an interruption)."""
-    from harness.rundir import replace_dir
-
-    replace_dir(new, out)
-
-
 def _temp_prefix(out: Path) -> str:
     return f".{out.name}.tmp-"
 
@@ -1015,7 +1008,7 @@ def train_dpo(pairs: Sequence[dict[str, Any]], *, policy_path: str, ref_path: st
         if main:
             write_json(tmp / RESULT_FILE, {**asdict(result), "policy_path": policy_path, "ref_path": ref_path,
                                            "config": asdict(cfg)})
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)  # replaces an older out: a checkpoint whose train.json was not written
         if world > 1:
             trainer.accelerator.wait_for_everyone()  # no rank ends before rank 0 has saved
     finally:

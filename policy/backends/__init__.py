@@ -63,7 +63,7 @@ class BackendConfig:
     engine_core: vLLM: where the engine core runs. "inline": in the calling process
         (VLLM_ENABLE_V1_MULTIPROCESSING=0); "process": in a process of its own (vLLM's default);
         "auto": inline on the CPU, a process of its own on a GPU. On the CPU, inline made sampling
-        repeat exactly from the engine seed and ran faster (docs/notes.md); on a GPU the separate
+        repeat exactly from the engine seed, at the same speed (docs/notes.md); on a GPU the separate
         process overlaps scheduling with the device's work.
     """
 

@@ -113,8 +113,8 @@ def _resource_tracker_pid() -> int | None:
 def engine_inline(setting: str, *, is_cpu: bool) -> bool:
     """Whether the engine core runs in the calling process (`backend.engine_core`): "auto" means inline
     on the CPU, where a separate core process made sampling depend on when requests reached it (the same
-    seed gave other samples run to run) and competed with this process for the cores (docs/notes.md),
-    and a process of its own on a GPU, where it overlaps scheduling with the device's work."""
+    seed gave other samples run to run; inline, the same samples at the same speed: docs/notes.md), and a
+    process of its own on a GPU, where it overlaps scheduling with the device's work."""
     if setting == "auto":
         return is_cpu
     return setting == "inline"
